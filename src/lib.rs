@@ -1,0 +1,145 @@
+//! ssegate: a reverse proxy that puts clean Server-Sent Events in front of
+//! LLM inference servers.
+//!
+//! # Layout
+//!
+//! A request flows top to bottom:
+//!
+//! - `server`: accept loop, connection bound, header timeout, HTTP/1.1 + h2, drain
+//! - `tls`: PEM files → rustls config (ALPN h2, http/1.1)
+//! - `router`: request → route | 404 (`admin` serves the admin listener)
+//! - `proxy`: direct mode: the upstream request, headers, X-Forwarded-*
+//! - `upstream`: the pooled client, connect and first-byte timeouts
+//! - `passthrough`: a response handed on chunk by chunk
+//! - `decompress`: an upstream that compresses an event stream anyway
+//! - `reframe`: byte-level decoders (sse, ndjson, text) and the `Reframer`
+//! - `sse`: the SSE encoder and fixed frames
+//! - `stream`: the event-stream body: keep-alive, end and error events
+//! - `config`, `error`, `metrics`, `body`: the shared vocabulary
+//! - `demo`: the built-in fake model upstream for `ssegate demo`
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod decompress;
+pub mod demo;
+pub mod error;
+pub mod metrics;
+pub mod passthrough;
+pub mod proxy;
+pub mod reframe;
+pub mod router;
+pub mod server;
+pub mod sse;
+pub mod stream;
+pub mod tls;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+use metrics::Metrics;
+use router::Routes;
+use server::Side;
+use upstream::Upstream;
+
+/// How long streams get to write their `shutdown` event and close after the
+/// drain deadline.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
+
+/// What every request handler shares.
+pub struct App {
+    pub config: Config,
+    pub routes: Routes,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    /// Fires when `drain_timeout` has run out: open streams end with a
+    /// `shutdown` error event.
+    pub drain: CancellationToken,
+    /// Whether the proxy accepts requests and its store answers.
+    pub ready: AtomicBool,
+}
+
+/// The bound sockets `run` serves; bound by the caller so that tests can use
+/// port 0 and `main` can report an address in use.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both addresses of a config.
+    pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
+        let bind = |addr: std::net::SocketAddr, key: &'static str| async move {
+            TcpListener::bind(addr).await.map_err(|e| StartError::Bind { key, addr, reason: e.to_string() })
+        };
+        Ok(Listeners {
+            public: bind(config.server.listen, "server.listen").await?,
+            admin: bind(config.server.admin_listen, "server.admin_listen").await?,
+        })
+    }
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{key}: cannot listen on {addr}: {reason}")]
+    Bind { key: &'static str, addr: std::net::SocketAddr, reason: String },
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("routes: {0}")]
+    Routes(String),
+}
+
+/// Serves until `shutdown` completes, then drains: new connections stop,
+/// open requests get `drain_timeout`, remaining streams end with a
+/// `shutdown` error event.
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let tls = match &config.server.tls {
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(t)?)),
+        None => None,
+    };
+    let app = Arc::new(App {
+        routes: Routes::new(&config.routes).map_err(StartError::Routes)?,
+        upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),
+        metrics: Arc::new(Metrics::new()),
+        drain: CancellationToken::new(),
+        ready: AtomicBool::new(false),
+        config,
+    });
+    let stop = CancellationToken::new();
+    let graceful = GracefulShutdown::new();
+    tracing::info!(listen = %addr(&listeners.public), admin = %addr(&listeners.admin), tls = tls.is_some(), "ssegate listening");
+    app.ready.store(true, Ordering::Release);
+    let public = server::accept_loop(listeners.public, Side::Public, tls, app.clone(), stop.clone(), &graceful);
+    let admin = server::accept_loop(listeners.admin, Side::Admin, None, app.clone(), stop.clone(), &graceful);
+    let signalled = async {
+        shutdown.await;
+        tracing::info!(drain_timeout = ?app.config.server.drain_timeout, "shutting down: draining open requests");
+        app.ready.store(false, Ordering::Release);
+        stop.cancel();
+    };
+    tokio::join!(public, admin, signalled);
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    if tokio::time::timeout(app.config.server.drain_timeout, &mut drained).await.is_err() {
+        tracing::info!("drain timeout reached: ending open streams");
+        app.drain.cancel();
+        if tokio::time::timeout(FINAL_FLUSH, &mut drained).await.is_err() {
+            tracing::warn!("some connections did not close in time");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn addr(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into())
+}

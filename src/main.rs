@@ -1,0 +1,160 @@
+//! The `ssegate` command: parses arguments, starts tracing, loads the
+//! config and calls the library. Exit code 2 for anything that stops it
+//! from starting.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ssegate::config::{Config, RouteConfig};
+use ssegate::{demo, Listeners};
+
+#[derive(Parser)]
+#[command(name = "ssegate", version, about = "Clean Server-Sent Events in front of LLM inference servers")]
+struct Cli {
+    /// Config file.
+    #[arg(long, global = true, default_value = "config.toml")]
+    config: PathBuf,
+    /// Overrides `server.listen`.
+    #[arg(long, global = true)]
+    listen: Option<std::net::SocketAddr>,
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validates a config and exits 0, or prints what is wrong and exits 2.
+    Check,
+    /// Runs the proxy with a built-in fake model upstream.
+    Demo,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Some(Command::Check) => check(&cli.config),
+        Some(Command::Demo) => serve(demo_config(cli.listen), true),
+        None => match Config::load(&cli.config) {
+            Ok(mut config) => {
+                if let Some(listen) = cli.listen {
+                    config.server.listen = listen;
+                }
+                serve(config, false)
+            }
+            Err(e) => fail(&e.to_string()),
+        },
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
+fn demo_config(listen: Option<std::net::SocketAddr>) -> Config {
+    let mut config = Config::default();
+    if let Some(listen) = listen {
+        config.server.listen = listen;
+    }
+    config.routes.push(RouteConfig {
+        prefix: "/v1".into(),
+        // Replaced by the fake model's address once it is bound.
+        upstream: String::new(),
+        format: Default::default(),
+        strip_prefix: false,
+        headers: Default::default(),
+    });
+    config
+}
+
+fn serve(mut config: Config, with_demo: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        if with_demo {
+            let (listener, addr) = match demo::bind().await {
+                Ok(ok) => ok,
+                Err(e) => return fail(&format!("demo: cannot bind the fake model: {e}")),
+            };
+            config.routes[0].upstream = format!("http://{addr}");
+            demo::spawn(listener, demo::Pace::default());
+        }
+        let listeners = match Listeners::bind(&config).await {
+            Ok(l) => l,
+            Err(e) => return fail(&e.to_string()),
+        };
+        if with_demo {
+            let url = format!("http://{}", config.server.listen);
+            println!("ssegate demo is running on {url} (admin: http://{})", config.server.admin_listen);
+            println!("stream an answer through the proxy:");
+            println!(
+                "  curl -N {url}/v1/chat/completions -H 'content-type: application/json' \
+                 -d '{{\"model\":\"demo\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'"
+            );
+        }
+        match ssegate::run(config, listeners, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e.to_string()),
+        }
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

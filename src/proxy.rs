@@ -1,0 +1,184 @@
+//! Direct mode: the proxy in the request path. Builds the upstream request
+//! (path, hop-by-hop headers, X-Forwarded-*, the route's headers), sends it,
+//! and hands the response on, passed through or re-framed as events.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::body::{LimitedBody, RequestBody, ResponseBody};
+use crate::error::Error;
+use crate::passthrough::PassThrough;
+use crate::router::Route;
+use crate::App;
+
+/// What the server knows of the client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Forwards a direct-mode request and answers with the upstream's response.
+pub async fn forward(app: &Arc<App>, route: &Arc<Route>, req: Request<Incoming>, conn: ConnInfo) -> Result<Response<ResponseBody>, Error> {
+    let started = Instant::now();
+    let max_body = app.config.limits.max_body;
+    if content_length(req.headers()).is_some_and(|len| len > max_body) {
+        return Err(Error::PayloadTooLarge(max_body));
+    }
+    let wants_events = accepts_event_stream(req.headers()) || route.format != crate::config::Format::Auto;
+    let (parts, body) = req.into_parts();
+    let body = LimitedBody::new(body, max_body).boxed_unsync();
+    let upstream_req = upstream_request(route, &parts, body, conn, wants_events)?;
+    let (resp, head_time) = match app.upstream.send(upstream_req, max_body).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            if matches!(e, Error::UpstreamUnavailable(_) | Error::UpstreamTimeout(_)) {
+                app.metrics.upstream_error(&route.prefix, e.kind());
+            }
+            return Err(e);
+        }
+    };
+    app.metrics
+        .upstream_head_seconds
+        .get_or_create(&route.label)
+        .observe(head_time.as_secs_f64());
+    let (mut head, body) = resp.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    let is_event_stream = is_event_stream(&head.headers);
+    if head.status.as_u16() < 400 && (wants_events || is_event_stream) {
+        return Ok(crate::stream::direct_response(app, route, head, body, started));
+    }
+    let body = PassThrough::new(body, app.config.limits.idle_timeout, app.drain.clone()).boxed_unsync();
+    Ok(Response::from_parts(head, body))
+}
+
+/// Builds the request that goes upstream, as direct mode forwards it (and as
+/// a handoff stores it).
+pub fn upstream_request(
+    route: &Route,
+    parts: &http::request::Parts,
+    body: RequestBody,
+    conn: ConnInfo,
+    wants_events: bool,
+) -> Result<Request<RequestBody>, Error> {
+    let uri = route.upstream_uri(parts.uri.path(), parts.uri.query())?;
+    let mut headers = parts.headers.clone();
+    let client_host = headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    append_forwarded_for(&mut headers, conn.peer);
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if let Some(host) = client_host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+    if wants_events {
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
+    for (name, value) in &route.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+/// Drops `Connection` and the headers it names, and the fixed hop-by-hop set.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+    for name in proxy {
+        headers.remove(name);
+    }
+}
+
+/// Appends the client address to `X-Forwarded-For`, as nginx's
+/// `$proxy_add_x_forwarded_for` does.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let prior: Vec<&str> = headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()).collect();
+    let value = if prior.is_empty() {
+        peer.ip().to_string()
+    } else {
+        format!("{}, {}", prior.join(", "), peer.ip())
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+/// Whether the client's `Accept` lists `text/event-stream`.
+pub fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|m| m.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream")))
+}
+
+/// Whether a response's content type is `text/event-stream`.
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    media_type(headers).is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// The media type of `Content-Type`, without parameters.
+pub fn media_type(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    v.split(';').next().map(str::trim)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Joins the upstream's base path with the request's path and query.
+pub fn join_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, Error> {
+    let base_path = base.path().trim_end_matches('/');
+    let path = if path.is_empty() { "/" } else { path };
+    let mut pq = String::with_capacity(base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    pq.push_str(base_path);
+    if !path.starts_with('/') {
+        pq.push('/');
+    }
+    pq.push_str(path);
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().map_err(|_| Error::BadRequest("invalid request path".into()))?);
+    Uri::from_parts(parts).map_err(|e| Error::BadRequest(format!("invalid request path: {e}")))
+}

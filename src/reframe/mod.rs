@@ -1,0 +1,188 @@
+//! Upstream bytes → events → SSE frames.
+//!
+//! One byte-level state machine per format (`sse`, `ndjson`, `text`), each
+//! fed the upstream's chunks as they arrive and bounded by
+//! `limits.max_event_bytes`, and a [`Reframer`] that numbers and encodes
+//! what they produce.
+
+mod ndjson;
+mod sse;
+mod text;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+
+pub use ndjson::NdjsonDecoder;
+pub use sse::SseDecoder;
+pub use text::TextDecoder;
+
+use crate::config::Format;
+use crate::sse::SseEncoder;
+
+/// One decoded event: an optional name and its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub name: Option<Bytes>,
+    pub data: Bytes,
+}
+
+/// A line or event went past `limits.max_event_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an upstream line or event is larger than limits.max_event_bytes ({0} bytes)")]
+pub struct TooLarge(pub usize);
+
+/// A concrete format decoder.
+#[derive(Debug)]
+pub enum Decoder {
+    Sse(SseDecoder),
+    Ndjson(NdjsonDecoder),
+    Text(TextDecoder),
+}
+
+/// The format actually used for one response (never `Auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Sse,
+    Ndjson,
+    Text,
+}
+
+impl Wire {
+    /// Picks the format: the route's when set, else from the content type.
+    pub fn choose(format: Format, headers: &HeaderMap) -> Wire {
+        match format {
+            Format::Sse => Wire::Sse,
+            Format::Ndjson => Wire::Ndjson,
+            Format::Text => Wire::Text,
+            Format::Auto => match crate::proxy::media_type(headers).map(str::to_ascii_lowercase).as_deref() {
+                Some("text/event-stream") => Wire::Sse,
+                Some("application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines"
+                | "application/json-seq") => Wire::Ndjson,
+                _ => Wire::Text,
+            },
+        }
+    }
+}
+
+impl Decoder {
+    /// A decoder for `wire` with the given bound.
+    pub fn new(wire: Wire, max: usize) -> Decoder {
+        match wire {
+            Wire::Sse => Decoder::Sse(SseDecoder::new(max)),
+            Wire::Ndjson => Decoder::Ndjson(NdjsonDecoder::new(max)),
+            Wire::Text => Decoder::Text(TextDecoder::new(max)),
+        }
+    }
+
+    /// The next complete event in `buf`, consuming its bytes.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Event>, TooLarge> {
+        match self {
+            Decoder::Sse(d) => d.decode(buf),
+            Decoder::Ndjson(d) => d.decode(buf),
+            Decoder::Text(d) => d.decode(buf),
+        }
+    }
+
+    /// Like `decode`, at the end of the upstream body.
+    pub fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Event>, TooLarge> {
+        match self {
+            Decoder::Sse(d) => d.decode_eof(buf),
+            Decoder::Ndjson(d) => d.decode_eof(buf),
+            Decoder::Text(d) => d.decode_eof(buf),
+        }
+    }
+}
+
+/// Decoder + encoder: upstream chunks in, numbered SSE frames out.
+#[derive(Debug)]
+pub struct Reframer {
+    decoder: Decoder,
+    encoder: SseEncoder,
+    buf: BytesMut,
+    eof: bool,
+}
+
+impl Reframer {
+    /// A reframer for one stream.
+    pub fn new(wire: Wire, max_event_bytes: usize) -> Reframer {
+        Reframer { decoder: Decoder::new(wire, max_event_bytes), encoder: SseEncoder::new(), buf: BytesMut::new(), eof: false }
+    }
+
+    /// Hands the reframer the next upstream chunk.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// Marks the end of the upstream body.
+    pub fn feed_eof(&mut self) {
+        self.eof = true;
+    }
+
+    /// Encodes the next complete event into `out`; returns its id.
+    pub fn next_event(&mut self, out: &mut BytesMut) -> Result<Option<u64>, TooLarge> {
+        let event = if self.eof { self.decoder.decode_eof(&mut self.buf)? } else { self.decoder.decode(&mut self.buf)? };
+        Ok(event.map(|e| self.encoder.encode(out, e.name.as_deref(), &e.data)))
+    }
+
+    /// Encodes an event the proxy itself adds (`end`, `error`); returns its id.
+    pub fn push(&mut self, out: &mut BytesMut, name: &[u8], data: &[u8]) -> u64 {
+        self.encoder.encode(out, Some(name), data)
+    }
+
+    /// The id of the last event encoded.
+    pub fn last_id(&self) -> u64 {
+        self.encoder.last_id()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Feeds `input` cut at `cuts` and returns every event, or the error.
+    pub fn run(wire: Wire, max: usize, input: &[u8], cuts: &[usize]) -> (Vec<Event>, Option<TooLarge>) {
+        let mut d = Decoder::new(wire, max);
+        let mut buf = BytesMut::new();
+        let mut events = Vec::new();
+        let mut start = 0;
+        let mut bounds: Vec<usize> = cuts.iter().copied().filter(|c| *c > 0 && *c < input.len()).collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        bounds.push(input.len());
+        for end in bounds {
+            buf.extend_from_slice(&input[start..end]);
+            start = end;
+            loop {
+                match d.decode(&mut buf) {
+                    Ok(Some(e)) => events.push(e),
+                    Ok(None) => break,
+                    Err(e) => return (events, Some(e)),
+                }
+            }
+        }
+        loop {
+            match d.decode_eof(&mut buf) {
+                Ok(Some(e)) => events.push(e),
+                Ok(None) => break,
+                Err(e) => return (events, Some(e)),
+            }
+        }
+        (events, None)
+    }
+
+    /// Asserts that every single cut point and byte-at-a-time give the same
+    /// events as the whole input in one piece.
+    pub fn assert_split_invariant(wire: Wire, max: usize, input: &[u8]) -> (Vec<Event>, Option<TooLarge>) {
+        let whole = run(wire, max, input, &[]);
+        for cut in 1..input.len() {
+            assert_eq!(run(wire, max, input, &[cut]), whole, "cut at {cut} of {:?}", String::from_utf8_lossy(input));
+        }
+        let every: Vec<usize> = (1..input.len()).collect();
+        assert_eq!(run(wire, max, input, &every), whole, "byte at a time");
+        whole
+    }
+
+    pub fn ev(name: Option<&str>, data: &str) -> Event {
+        Event { name: name.map(|n| Bytes::copy_from_slice(n.as_bytes())), data: Bytes::copy_from_slice(data.as_bytes()) }
+    }
+}

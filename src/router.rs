@@ -1,0 +1,98 @@
+//! Request → direct route | handoff POST | stream GET/DELETE | preflight | 404.
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+use crate::body::ResponseBody;
+use crate::config::{Format, RouteConfig};
+use crate::error::Error;
+use crate::metrics::{OutcomeLabels, RouteLabel};
+use crate::proxy::{self, ConnInfo};
+use crate::App;
+
+/// A route, compiled from `[[routes]]`.
+#[derive(Debug)]
+pub struct Route {
+    pub prefix: String,
+    /// The metrics label set for this route, built once.
+    pub label: RouteLabel,
+    pub upstream: Uri,
+    pub format: Format,
+    pub strip_prefix: bool,
+    /// Set on every upstream request, replacing the client's.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Route {
+    fn compile(cfg: &RouteConfig) -> Result<Route, String> {
+        let upstream: Uri = cfg.upstream.parse().map_err(|e| format!("{}: {e}", cfg.upstream))?;
+        let mut headers = Vec::with_capacity(cfg.headers.len());
+        for (name, value) in &cfg.headers {
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+            let mut value = HeaderValue::from_str(&value.0).map_err(|e| e.to_string())?;
+            value.set_sensitive(true);
+            headers.push((name, value));
+        }
+        Ok(Route {
+            prefix: cfg.prefix.clone(),
+            label: RouteLabel { route: cfg.prefix.clone() },
+            upstream,
+            format: cfg.format,
+            strip_prefix: cfg.strip_prefix,
+            headers,
+        })
+    }
+
+    /// The upstream URI for a request path and query.
+    pub fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, Error> {
+        let path = if self.strip_prefix { &path[self.prefix.len().min(path.len())..] } else { path };
+        proxy::join_uri(&self.upstream, path, query)
+    }
+}
+
+/// All routes, longest prefix first.
+#[derive(Debug)]
+pub struct Routes(Vec<Arc<Route>>);
+
+impl Routes {
+    /// Compiles validated route configs.
+    pub fn new(configs: &[RouteConfig]) -> Result<Routes, String> {
+        let mut routes = configs.iter().map(|c| Route::compile(c).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        Ok(Routes(routes))
+    }
+
+    /// The route with the longest prefix that `path` starts with.
+    pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
+        self.0.iter().find(|r| path.starts_with(&r.prefix))
+    }
+}
+
+/// Answers one request on the public listener.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
+    // An absolute-form target is what a client sends to a forward proxy;
+    // ssegate is never one.
+    if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
+        return Error::NotFound.into_response();
+    }
+    let Some(route) = app.routes.find(req.uri().path()).cloned() else {
+        return Error::NotFound.into_response();
+    };
+    let result = proxy::forward(&app, &route, req, conn).await;
+    let outcome = match &result {
+        Ok(resp) if resp.status().as_u16() >= 400 => "upstream_status",
+        Ok(_) => "ok",
+        Err(e) => e.kind(),
+    };
+    app.metrics.requests.get_or_create(&OutcomeLabels { route: route.prefix.clone(), outcome }).inc();
+    match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::info!(route = %route.prefix, status = e.status().as_u16(), error = %e, "request failed");
+            e.into_response()
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The accept loop: a bound on open connections, TLS, the header timeout,
+//! HTTP/1.1 and HTTP/2 through hyper-util's auto builder, graceful drain.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::proxy::ConnInfo;
+use crate::{admin, router, App};
+
+/// Which listener a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Clients and browsers: routes and handoff.
+    Public,
+    /// Operators: health, readiness, metrics.
+    Admin,
+}
+
+/// Accepts connections until `stop` fires; every connection is watched by
+/// `graceful` so that the drain can wait for it.
+pub async fn accept_loop(
+    listener: TcpListener,
+    side: Side,
+    tls: Option<TlsAcceptor>,
+    app: Arc<App>,
+    stop: CancellationToken,
+    graceful: &GracefulShutdown,
+) {
+    let builder = Arc::new(builder(&app));
+    let permits = Arc::new(Semaphore::new(app.config.limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(ok) => ok,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Conn { peer, side, tls: tls.clone(), app: app.clone(), builder: builder.clone() };
+        let watcher = graceful.watcher();
+        let span = tracing::debug_span!("conn", client = %peer);
+        tokio::spawn(
+            async move {
+                conn.app.metrics.connections_open.inc();
+                conn.serve(stream, watcher).await;
+                conn.app.metrics.connections_open.dec();
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn builder(app: &App) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.limits.header_timeout)
+        .max_buf_size(64 * 1024);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20);
+    b
+}
+
+struct Conn {
+    peer: SocketAddr,
+    side: Side,
+    tls: Option<TlsAcceptor>,
+    app: Arc<App>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl Conn {
+    async fn serve(&self, stream: TcpStream, watcher: Watcher) {
+        let header_timeout = self.app.config.limits.header_timeout;
+        let info = ConnInfo { peer: self.peer, tls: self.tls.is_some() };
+        let app = self.app.clone();
+        let side = self.side;
+        let svc = service_fn(move |req| {
+            let app = app.clone();
+            async move {
+                Ok::<_, Infallible>(match side {
+                    Side::Public => router::handle(app, req, info).await,
+                    Side::Admin => admin::handle(&app, req),
+                })
+            }
+        });
+        let result = match &self.tls {
+            Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => watcher.watch(self.builder.serve_connection(TokioIo::new(tls), svc)).await,
+                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!("TLS handshake timed out"),
+            },
+            None => {
+                // hyper's header timeout starts once it reads; a client that
+                // connects and sends nothing is dropped here.
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(_) => return tracing::debug!("client closed before sending a request"),
+                    Err(_) => return tracing::debug!("no request within header_timeout"),
+                }
+                watcher.watch(self.builder.serve_connection(TokioIo::new(stream), svc)).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+}

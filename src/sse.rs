@@ -1,0 +1,129 @@
+//! The SSE encoder: events written straight into a `BytesMut`, payload split
+//! on CR, LF and CRLF so no upstream byte can forge a field or an event.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// The keep-alive frame: a comment line.
+pub const KEEPALIVE: Bytes = Bytes::from_static(b":\n\n");
+
+/// The comment that opens a handoff stream so `onopen` fires at once.
+pub const OPEN_COMMENT: &[u8] = b": ok\n\n";
+
+/// Numbers events 1, 2, 3 … and writes them.
+#[derive(Debug, Default)]
+pub struct SseEncoder {
+    last_id: u64,
+}
+
+impl SseEncoder {
+    /// A new encoder whose first event gets id 1.
+    pub fn new() -> SseEncoder {
+        SseEncoder { last_id: 0 }
+    }
+
+    /// The id of the last event written (0 before the first).
+    pub fn last_id(&self) -> u64 {
+        self.last_id
+    }
+
+    /// Writes one event with the next id; returns that id.
+    pub fn encode(&mut self, out: &mut BytesMut, name: Option<&[u8]>, data: &[u8]) -> u64 {
+        self.last_id += 1;
+        write_event(out, self.last_id, name, data);
+        self.last_id
+    }
+}
+
+/// Writes `id:`, `event:` when named, and one `data:` line per payload line.
+pub fn write_event(out: &mut BytesMut, id: u64, name: Option<&[u8]>, data: &[u8]) {
+    let mut itoa = itoa::Buffer::new();
+    let id = itoa.format(id).as_bytes();
+    out.reserve(16 + id.len() + name.map_or(0, |n| n.len() + 8) + data.len() + 8);
+    out.put_slice(b"id: ");
+    out.put_slice(id);
+    out.put_u8(b'\n');
+    if let Some(name) = name {
+        out.put_slice(b"event: ");
+        // A name is one line by construction; cut it at a line end if not.
+        let end = memchr::memchr2(b'\r', b'\n', name).unwrap_or(name.len());
+        out.put_slice(&name[..end]);
+        out.put_u8(b'\n');
+    }
+    let mut rest = data;
+    loop {
+        out.put_slice(b"data: ");
+        match memchr::memchr2(b'\r', b'\n', rest) {
+            Some(i) => {
+                out.put_slice(&rest[..i]);
+                out.put_u8(b'\n');
+                let skip = if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                rest = &rest[i + skip..];
+            }
+            None => {
+                out.put_slice(rest);
+                out.put_u8(b'\n');
+                break;
+            }
+        }
+    }
+    out.put_u8(b'\n');
+}
+
+/// Writes the `retry:` field that tells EventSource how long to wait.
+pub fn write_retry(out: &mut BytesMut, retry: Duration) {
+    let mut itoa = itoa::Buffer::new();
+    out.put_slice(b"retry: ");
+    out.put_slice(itoa.format(retry.as_millis()).as_bytes());
+    out.put_slice(b"\n\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(name: Option<&str>, data: &str) -> String {
+        let mut out = BytesMut::new();
+        let mut e = SseEncoder::new();
+        e.encode(&mut out, None, b"x");
+        out.clear();
+        e.encode(&mut out, name.map(str::as_bytes), data.as_bytes());
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn plain_event() {
+        assert_eq!(enc(None, "hello"), "id: 2\ndata: hello\n\n");
+    }
+
+    #[test]
+    fn named_event() {
+        assert_eq!(enc(Some("end"), "{}"), "id: 2\nevent: end\ndata: {}\n\n");
+    }
+
+    #[test]
+    fn empty_data() {
+        assert_eq!(enc(None, ""), "id: 2\ndata: \n\n");
+    }
+
+    #[test]
+    fn every_line_ending_splits() {
+        assert_eq!(enc(None, "a\nb\rc\r\nd"), "id: 2\ndata: a\ndata: b\ndata: c\ndata: d\n\n");
+        assert_eq!(enc(None, "a\n"), "id: 2\ndata: a\ndata: \n\n");
+        assert_eq!(enc(None, "\r\n\r\n"), "id: 2\ndata: \ndata: \ndata: \n\n");
+        assert_eq!(enc(None, "\n\nid: 9\nevent: x"), "id: 2\ndata: \ndata: \ndata: id: 9\ndata: event: x\n\n");
+    }
+
+    #[test]
+    fn name_cannot_forge_a_field() {
+        assert_eq!(enc(Some("a\ndata: x"), "y"), "id: 2\nevent: a\ndata: y\n\n");
+    }
+
+    #[test]
+    fn retry_field() {
+        let mut out = BytesMut::new();
+        write_retry(&mut out, Duration::from_secs(2));
+        assert_eq!(&out[..], b"retry: 2000\n\n");
+    }
+}

@@ -1,0 +1,312 @@
+//! The event-stream body of direct mode: upstream chunks re-framed as SSE,
+//! a keep-alive comment when nothing was written for `sse.keepalive`, an
+//! `end` or `error` event last, and one log line when it is over.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{response, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::body::{BoxError, ResponseBody};
+use crate::decompress::Decoded;
+use crate::error::json_error;
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::reframe::{Reframer, Wire};
+use crate::router::Route;
+use crate::sse::KEEPALIVE;
+use crate::App;
+
+/// The head every event stream is sent with.
+pub fn event_stream_head(head: &mut response::Parts) {
+    head.status = StatusCode::OK;
+    let h = &mut head.headers;
+    for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING, header::ETAG, header::LAST_MODIFIED, header::EXPIRES] {
+        h.remove(name);
+    }
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-transform"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+}
+
+/// Re-frames a direct-mode upstream response as an event stream.
+pub fn direct_response(
+    app: &Arc<App>,
+    route: &Arc<Route>,
+    mut head: response::Parts,
+    body: Incoming,
+    started: std::time::Instant,
+) -> Response<ResponseBody> {
+    let wire = Wire::choose(route.format, &head.headers);
+    // The upstream's own last event ends an SSE upstream's stream.
+    let add_end = !crate::proxy::is_event_stream(&head.headers);
+    let source = Decoded::new(body, &head.headers);
+    event_stream_head(&mut head);
+    let cfg = &app.config;
+    let stream = EventStream {
+        source,
+        reframer: Reframer::new(wire, cfg.limits.max_event_bytes as usize),
+        out: BytesMut::with_capacity(4096),
+        finished: false,
+        add_end,
+        keepalive: cfg.sse.keepalive,
+        idle: cfg.limits.idle_timeout,
+        last_write: Instant::now(),
+        last_upstream: Instant::now(),
+        timer: Box::pin(tokio::time::sleep(cfg.sse.keepalive.min(cfg.limits.idle_timeout))),
+        deadline: Box::pin(app.drain.clone().cancelled_owned()),
+        names: Names { end: Bytes::from(cfg.sse.end_event.clone()), error: Bytes::from(cfg.sse.error_event.clone()) },
+        stats: StreamStats::new(&app.metrics, route, started),
+    };
+    Response::from_parts(head, stream.boxed_unsync())
+}
+
+/// The names of the proxy's own events.
+#[derive(Clone)]
+pub struct Names {
+    pub end: Bytes,
+    pub error: Bytes,
+}
+
+/// The direct-mode event-stream body.
+pub struct EventStream {
+    source: Decoded,
+    reframer: Reframer,
+    out: BytesMut,
+    finished: bool,
+    add_end: bool,
+    keepalive: Duration,
+    idle: Duration,
+    /// When bytes last went to the client; the keep-alive is due from here.
+    last_write: Instant,
+    /// When the upstream last sent bytes; the idle timeout is due from here.
+    last_upstream: Instant,
+    /// One timer for both, re-armed lazily when it fires, so an event costs
+    /// no timer re-registration.
+    timer: Pin<Box<Sleep>>,
+    deadline: Pin<Box<WaitForCancellationFutureOwned>>,
+    names: Names,
+    stats: StreamStats,
+}
+
+impl EventStream {
+    fn finish_with_error(&mut self, kind: &'static str, message: &str) -> Bytes {
+        self.finished = true;
+        self.stats.outcome = kind;
+        self.stats.upstream_error(kind);
+        let data = json_error(kind, message);
+        let error = self.names.error.clone();
+        self.reframer.push(&mut self.out, &error, &data);
+        self.stats.events += 1;
+        self.take_out()
+    }
+
+    fn take_out(&mut self) -> Bytes {
+        let frame = self.out.split().freeze();
+        self.stats.wrote(frame.len());
+        self.last_write = Instant::now();
+        frame
+    }
+
+    /// Drains every complete event the reframer holds into `out`.
+    fn drain_events(&mut self) -> Result<(), crate::reframe::TooLarge> {
+        while self.reframer.next_event(&mut self.out)?.is_some() {
+            self.stats.events += 1;
+        }
+        Ok(())
+    }
+}
+
+impl Body for EventStream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            let frame = this.finish_with_error("shutdown", "the proxy is shutting down");
+            return Poll::Ready(Some(Ok(Frame::data(frame))));
+        }
+        loop {
+            match this.source.poll_chunk(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.last_upstream = Instant::now();
+                    this.reframer.feed(&chunk);
+                    if let Err(e) = this.drain_events() {
+                        let frame = this.finish_with_error("event_too_large", &e.to_string());
+                        return Poll::Ready(Some(Ok(Frame::data(frame))));
+                    }
+                    if !this.out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(this.take_out()))));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let frame = match e {
+                        crate::decompress::ChunkError::Upstream(e) => {
+                            this.finish_with_error("upstream_reset", &format!("upstream connection failed mid-stream: {e}"))
+                        }
+                        crate::decompress::ChunkError::Decode(e) => {
+                            this.finish_with_error("upstream_decode", &format!("upstream body could not be decompressed: {e}"))
+                        }
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(frame))));
+                }
+                Poll::Ready(None) => {
+                    this.reframer.feed_eof();
+                    if let Err(e) = this.drain_events() {
+                        let frame = this.finish_with_error("event_too_large", &e.to_string());
+                        return Poll::Ready(Some(Ok(Frame::data(frame))));
+                    }
+                    this.finished = true;
+                    this.stats.outcome = "complete";
+                    if this.add_end {
+                        let end = this.names.end.clone();
+                        this.reframer.push(&mut this.out, &end, br#"{"reason":"complete"}"#);
+                        this.stats.events += 1;
+                    }
+                    if this.out.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(this.take_out()))));
+                }
+                Poll::Pending => break,
+            }
+        }
+        // Nothing from upstream: is the keep-alive or the idle timeout due?
+        loop {
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            let idle_due = this.last_upstream + this.idle;
+            if now >= idle_due {
+                let msg = format!("upstream sent nothing for {:?}", this.idle);
+                let frame = this.finish_with_error("upstream_timeout", &msg);
+                return Poll::Ready(Some(Ok(Frame::data(frame))));
+            }
+            let keepalive_due = this.last_write + this.keepalive;
+            if now >= keepalive_due {
+                this.last_write = now;
+                this.stats.keepalives.inc();
+                this.stats.bytes.inc_by(KEEPALIVE.len() as u64);
+                this.timer.as_mut().reset((now + this.keepalive).min(idle_due));
+                return Poll::Ready(Some(Ok(Frame::data(KEEPALIVE))));
+            }
+            this.timer.as_mut().reset(keepalive_due.min(idle_due));
+        }
+    }
+}
+
+/// Per-stream metric handles, taken once so an event costs no label lookup,
+/// and the figures for the log line written when the stream is dropped.
+pub struct StreamStats {
+    route: String,
+    metrics: MetricsHandles,
+    started: std::time::Instant,
+    first_event: Option<std::time::Duration>,
+    pub events: u64,
+    /// Events already added to the `events_sent` counter.
+    reported: u64,
+    bytes_total: u64,
+    pub outcome: &'static str,
+    keepalives: Counter,
+    bytes: Counter,
+}
+
+struct MetricsHandles {
+    events: Counter,
+    active: Gauge,
+    first_event: Histogram,
+    rate: Histogram,
+    ended: prometheus_client::metrics::family::Family<OutcomeLabels, Counter>,
+    errors: Arc<Metrics>,
+}
+
+impl StreamStats {
+    /// Starts counting a stream on `route`.
+    pub fn new(metrics: &Arc<Metrics>, route: &Route, started: std::time::Instant) -> StreamStats {
+        let label = &route.label;
+        let active = metrics.streams_active.get_or_create(label).clone();
+        active.inc();
+        StreamStats {
+            route: route.prefix.clone(),
+            metrics: MetricsHandles {
+                events: metrics.events_sent.get_or_create(label).clone(),
+                active,
+                first_event: metrics.first_event_seconds.get_or_create(label).clone(),
+                rate: metrics.events_per_second.get_or_create(label).clone(),
+                ended: metrics.streams_ended.clone(),
+                errors: metrics.clone(),
+            },
+            started,
+            first_event: None,
+            events: 0,
+            reported: 0,
+            bytes_total: 0,
+            outcome: "client_gone",
+            keepalives: metrics.keepalives_sent.get_or_create(label).clone(),
+            bytes: metrics.bytes_sent.get_or_create(label).clone(),
+        }
+    }
+
+    /// Counts bytes written to the client.
+    pub fn wrote(&mut self, n: usize) {
+        if self.first_event.is_none() && self.events > 0 {
+            let t = self.started.elapsed();
+            self.first_event = Some(t);
+            self.metrics.first_event.observe(t.as_secs_f64());
+        }
+        self.bytes_total += n as u64;
+        self.bytes.inc_by(n as u64);
+        self.metrics.events.inc_by(self.events - self.reported);
+        self.reported = self.events;
+    }
+
+    /// Counts an upstream failure of this stream's route.
+    pub fn upstream_error(&self, kind: &'static str) {
+        if kind != "shutdown" {
+            self.metrics.errors.upstream_error(&self.route, kind);
+        }
+    }
+}
+
+impl Drop for StreamStats {
+    fn drop(&mut self) {
+        let duration = self.started.elapsed();
+        self.metrics.active.dec();
+        self.metrics.events.inc_by(self.events - self.reported);
+        self.metrics
+            .ended
+            .get_or_create(&OutcomeLabels { route: self.route.clone(), outcome: self.outcome })
+            .inc();
+        let secs = duration.as_secs_f64();
+        if self.events > 0 && secs > 0.0 {
+            self.metrics.rate.observe(self.events as f64 / secs);
+        }
+        let ttfe_ms = self.first_event.map(|d| d.as_secs_f64() * 1000.0);
+        tracing::info!(
+            route = %self.route,
+            outcome = self.outcome,
+            events = self.events,
+            bytes = self.bytes_total,
+            duration_ms = secs * 1000.0,
+            first_event_ms = ttfe_ms,
+            "stream finished"
+        );
+    }
+}
