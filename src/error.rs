@@ -12,6 +12,12 @@ pub enum Error {
     /// Downstream: no route, unknown token, admin path on the public port.
     #[error("no route for this path")]
     NotFound,
+    /// Downstream: a method the endpoint does not take.
+    #[error("method not allowed here")]
+    MethodNotAllowed,
+    /// Downstream: a stream token that is unknown, expired or forgotten.
+    #[error("unknown or expired token")]
+    UnknownToken,
     /// Downstream: the request body is over `limits.max_body`.
     #[error("request body is larger than limits.max_body ({0} bytes)")]
     PayloadTooLarge(u64),
@@ -27,6 +33,9 @@ pub enum Error {
     /// Upstream: no response head within `limits.first_byte_timeout`.
     #[error("upstream sent no response head within {0:?}")]
     UpstreamTimeout(std::time::Duration),
+    /// Internal: the shared store (Redis) does not answer.
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// Internal: a bug or a resource failure in the proxy itself.
     #[error("internal error: {0}")]
     Internal(String),
@@ -36,9 +45,11 @@ impl Error {
     /// The HTTP status a client sees for this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::NotFound => StatusCode::NOT_FOUND,
+            Error::NotFound | Error::UnknownToken => StatusCode::NOT_FOUND,
+            Error::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -49,9 +60,11 @@ impl Error {
     /// The `type` field of the JSON error body, and the metrics label.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::NotFound => "not_found",
+            Error::NotFound | Error::UnknownToken => "not_found",
+            Error::StoreUnavailable(_) => "store_unavailable",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::BadRequest(_) => "bad_request",
+            Error::MethodNotAllowed => "method_not_allowed",
             Error::Overloaded(_) => "overloaded",
             Error::UpstreamUnavailable(_) => "upstream_unavailable",
             Error::UpstreamTimeout(_) => "upstream_timeout",
@@ -66,7 +79,7 @@ impl Error {
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if matches!(self, Error::Overloaded(_)) {
+        if matches!(self, Error::Overloaded(_) | Error::StoreUnavailable(_)) {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp

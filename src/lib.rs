@@ -21,9 +21,11 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod cors;
 pub mod decompress;
 pub mod demo;
 pub mod error;
+pub mod handoff;
 pub mod metrics;
 pub mod passthrough;
 pub mod proxy;
@@ -31,12 +33,13 @@ pub mod reframe;
 pub mod router;
 pub mod server;
 pub mod sse;
+pub mod store;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +51,7 @@ pub use config::Config;
 use metrics::Metrics;
 use router::Routes;
 use server::Side;
+use store::{MemoryStore, Store};
 use upstream::Upstream;
 
 /// How long streams get to write their `shutdown` event and close after the
@@ -65,6 +69,31 @@ pub struct App {
     pub drain: CancellationToken,
     /// Whether the proxy accepts requests and its store answers.
     pub ready: AtomicBool,
+    /// Handoff tokens and streams.
+    pub store: Arc<dyn Store>,
+    /// Event streams open now, against `limits.max_streams`.
+    streams: Arc<AtomicUsize>,
+}
+
+impl App {
+    /// A `max_streams` slot, or None when all are taken.
+    pub fn stream_slot(&self) -> Option<StreamSlot> {
+        let max = self.config.limits.max_streams;
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| StreamSlot(self.streams.clone()))
+    }
+}
+
+/// One counted event stream; the count drops when this does.
+#[derive(Debug)]
+pub struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The bound sockets `run` serves; bound by the caller so that tests can use
@@ -96,6 +125,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("routes: {0}")]
     Routes(String),
+    #[error("handoff.store: {0}")]
+    Store(String),
 }
 
 /// Serves until `shutdown` completes, then drains: new connections stop,
@@ -106,10 +137,23 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(t)?)),
         None => None,
     };
+    let metrics = Arc::new(Metrics::new());
+    if config.handoff.store != "memory" {
+        return Err(StartError::Store(format!("{}: only \"memory\" is implemented so far", config.handoff.store)));
+    }
+    let memory = Arc::new(MemoryStore::new(
+        config.handoff.ttl,
+        config.limits.max_tokens,
+        config.handoff.replay_bytes as usize,
+        metrics.clone(),
+    ));
+    memory.spawn_purge();
     let app = Arc::new(App {
         routes: Routes::new(&config.routes).map_err(StartError::Routes)?,
         upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),
-        metrics: Arc::new(Metrics::new()),
+        metrics,
+        store: memory,
+        streams: Arc::new(AtomicUsize::new(0)),
         drain: CancellationToken::new(),
         ready: AtomicBool::new(false),
         config,

@@ -32,6 +32,10 @@ pub async fn forward(app: &Arc<App>, route: &Arc<Route>, req: Request<Incoming>,
         return Err(Error::PayloadTooLarge(max_body));
     }
     let wants_events = accepts_event_stream(req.headers()) || route.format != crate::config::Format::Auto;
+    let mut slot = None;
+    if wants_events {
+        slot = Some(app.stream_slot().ok_or(Error::Overloaded("too many streams (limits.max_streams)"))?);
+    }
     let (parts, body) = req.into_parts();
     let body = LimitedBody::new(body, max_body).boxed_unsync();
     let upstream_req = upstream_request(route, &parts, body, conn, wants_events)?;
@@ -52,14 +56,17 @@ pub async fn forward(app: &Arc<App>, route: &Arc<Route>, req: Request<Incoming>,
     strip_hop_by_hop(&mut head.headers);
     let is_event_stream = is_event_stream(&head.headers);
     if head.status.as_u16() < 400 && (wants_events || is_event_stream) {
-        return Ok(crate::stream::direct_response(app, route, head, body, started));
+        let slot = match slot {
+            Some(s) => s,
+            None => app.stream_slot().ok_or(Error::Overloaded("too many streams (limits.max_streams)"))?,
+        };
+        return Ok(crate::stream::direct_response(app, route, head, body, started, slot));
     }
     let body = PassThrough::new(body, app.config.limits.idle_timeout, app.drain.clone()).boxed_unsync();
     Ok(Response::from_parts(head, body))
 }
 
-/// Builds the request that goes upstream, as direct mode forwards it (and as
-/// a handoff stores it).
+/// Builds the request that goes upstream, as direct mode forwards it.
 pub fn upstream_request(
     route: &Route,
     parts: &http::request::Parts,
@@ -67,7 +74,13 @@ pub fn upstream_request(
     conn: ConnInfo,
     wants_events: bool,
 ) -> Result<Request<RequestBody>, Error> {
-    let uri = route.upstream_uri(parts.uri.path(), parts.uri.query())?;
+    let headers = forwarded_headers(parts, conn, wants_events);
+    build_request(route, parts.method.clone(), parts.uri.path(), parts.uri.query(), headers, body)
+}
+
+/// The client's end-to-end headers plus `X-Forwarded-*`, as they go
+/// upstream before the route's headers are set (a handoff stores these).
+pub fn forwarded_headers(parts: &http::request::Parts, conn: ConnInfo, wants_events: bool) -> HeaderMap {
     let mut headers = parts.headers.clone();
     let client_host = headers
         .get(header::HOST)
@@ -86,11 +99,25 @@ pub fn upstream_request(
     if wants_events {
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
+    headers
+}
+
+/// The upstream request for `route`: its URI, the given headers with the
+/// route's headers set over them, and the body.
+pub fn build_request(
+    route: &Route,
+    method: http::Method,
+    path: &str,
+    query: Option<&str>,
+    mut headers: HeaderMap,
+    body: RequestBody,
+) -> Result<Request<RequestBody>, Error> {
+    let uri = route.upstream_uri(path, query)?;
     for (name, value) in &route.headers {
         headers.insert(name.clone(), value.clone());
     }
     let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
+    *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     Ok(req)
@@ -160,7 +187,7 @@ pub fn media_type(headers: &HeaderMap) -> Option<&str> {
     v.split(';').next().map(str::trim)
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 

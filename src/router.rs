@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
+use crate::cors;
 use crate::config::{Format, RouteConfig};
 use crate::error::Error;
 use crate::metrics::{OutcomeLabels, RouteLabel};
@@ -65,10 +66,60 @@ impl Routes {
         Ok(Routes(routes))
     }
 
+    /// The route whose prefix is exactly `prefix`.
+    pub fn by_prefix(&self, prefix: &str) -> Option<Arc<Route>> {
+        self.0.iter().find(|r| r.prefix == prefix).cloned()
+    }
+
     /// The route with the longest prefix that `path` starts with.
     pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
         self.0.iter().find(|r| path.starts_with(&r.prefix))
     }
+}
+
+/// A handoff endpoint a request is for.
+enum Endpoint {
+    Create,
+    Attach(String),
+    Stop(String),
+    Preflight,
+    MethodNotAllowed,
+}
+
+/// Which handoff endpoint, if any, `path` names. Checked before routes, so
+/// that a route on `/` cannot shadow them.
+fn handoff_endpoint(app: &App, path: &str, method: &Method) -> Option<Endpoint> {
+    let h = &app.config.handoff;
+    if let Some(rest) = path.strip_prefix(h.prefix.as_str()) {
+        if rest.starts_with('/') {
+            return Some(match *method {
+                Method::POST => Endpoint::Create,
+                Method::OPTIONS => Endpoint::Preflight,
+                _ => Endpoint::MethodNotAllowed,
+            });
+        }
+    }
+    let token = path.strip_prefix(h.stream_prefix.as_str())?.strip_prefix('/')?;
+    if token.is_empty() || token.contains('/') {
+        return Some(Endpoint::MethodNotAllowed);
+    }
+    let token = token.to_string();
+    Some(match *method {
+        Method::GET => Endpoint::Attach(token),
+        Method::DELETE => Endpoint::Stop(token),
+        Method::OPTIONS => Endpoint::Preflight,
+        _ => Endpoint::MethodNotAllowed,
+    })
+}
+
+/// The response of a handoff endpoint, with CORS headers for allowed origins.
+fn finish(app: &App, headers: http::HeaderMap, result: Result<Response<ResponseBody>, Error>) -> Response<ResponseBody> {
+    let mut resp = result.unwrap_or_else(|e| {
+        tracing::debug!(status = e.status().as_u16(), error = %e, "handoff request refused");
+        e.into_response()
+    });
+    cors::decorate(&mut resp, cors::allow_origin(&app.config.cors, &headers));
+    resp
 }
 
 /// Answers one request on the public listener.
@@ -77,6 +128,15 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> Re
     // ssegate is never one.
     if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
         return Error::NotFound.into_response();
+    }
+    if let Some(resp) = handoff_endpoint(&app, req.uri().path(), req.method()) {
+        return match resp {
+            Endpoint::Create => finish(&app, req.headers().clone(), crate::handoff::create(&app, req, conn).await),
+            Endpoint::Attach(token) => finish(&app, req.headers().clone(), crate::handoff::attach(&app, req, &token).await),
+            Endpoint::Stop(token) => finish(&app, req.headers().clone(), crate::handoff::stop(&app, &token).await),
+            Endpoint::Preflight => cors::preflight(&app.config.cors, req.headers()),
+            Endpoint::MethodNotAllowed => Error::MethodNotAllowed.into_response(),
+        };
     }
     let Some(route) = app.routes.find(req.uri().path()).cloned() else {
         return Error::NotFound.into_response();

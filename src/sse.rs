@@ -71,6 +71,15 @@ pub fn write_event(out: &mut BytesMut, id: u64, name: Option<&[u8]>, data: &[u8]
     out.put_u8(b'\n');
 }
 
+/// Writes an event without an `id:` line, so that it does not move the
+/// client's Last-Event-ID (used for `replay_gap`).
+pub fn write_unnumbered(out: &mut BytesMut, name: &[u8], data: &[u8]) {
+    let mut event = BytesMut::new();
+    write_event(&mut event, 0, Some(name), data);
+    // Drop the "id: 0\n" line write_event starts with.
+    out.extend_from_slice(&event[b"id: 0\n".len()..]);
+}
+
 /// Writes the `retry:` field that tells EventSource how long to wait.
 pub fn write_retry(out: &mut BytesMut, retry: Duration) {
     let mut itoa = itoa::Buffer::new();

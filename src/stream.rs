@@ -48,6 +48,7 @@ pub fn direct_response(
     mut head: response::Parts,
     body: Incoming,
     started: std::time::Instant,
+    slot: crate::StreamSlot,
 ) -> Response<ResponseBody> {
     let wire = Wire::choose(route.format, &head.headers);
     // The upstream's own last event ends an SSE upstream's stream.
@@ -69,6 +70,7 @@ pub fn direct_response(
         deadline: Box::pin(app.drain.clone().cancelled_owned()),
         names: Names { end: Bytes::from(cfg.sse.end_event.clone()), error: Bytes::from(cfg.sse.error_event.clone()) },
         stats: StreamStats::new(&app.metrics, route, started),
+        _slot: slot,
     };
     Response::from_parts(head, stream.boxed_unsync())
 }
@@ -99,6 +101,7 @@ pub struct EventStream {
     deadline: Pin<Box<WaitForCancellationFutureOwned>>,
     names: Names,
     stats: StreamStats,
+    _slot: crate::StreamSlot,
 }
 
 impl EventStream {

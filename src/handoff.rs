@@ -1,0 +1,385 @@
+//! Handoff: `POST {prefix}{path}` stores the request and answers a one-time
+//! token; `GET {stream_prefix}/{token}` starts it upstream (once, ever) and
+//! follows its replay log, resuming after `Last-Event-ID`; `DELETE` is Stop.
+//!
+//! The producer task reads the upstream at its own pace into the stream's
+//! replay log; each GET runs a follower task that writes the log to its
+//! client. A slow or absent client therefore neither stalls the model nor
+//! grows memory past `replay_bytes`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::body::{full, ChannelBody, ResponseBody};
+use crate::decompress::{ChunkError, Decoded};
+use crate::error::{json_error, Error};
+use crate::metrics::ReasonLabel;
+use crate::proxy::{self, ConnInfo};
+use crate::reframe::{Reframer, Wire};
+use crate::sse::{write_retry, KEEPALIVE, OPEN_COMMENT};
+use crate::store::log::Read;
+use crate::store::{Redeem, StoreError, StoredRequest, StreamLog};
+use crate::stream::{event_stream_head, StreamStats};
+use crate::App;
+
+/// How much of the replay log one write to a client carries at most.
+const READ_CHUNK: usize = 64 * 1024;
+/// How much of an upstream error body goes into the `upstream_status` event.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// A new token: 128 bits from the OS CSPRNG, URL-safe base64 without padding.
+pub fn new_token() -> Result<String, Error> {
+    let mut raw = [0u8; 16];
+    getrandom::fill(&mut raw).map_err(|e| Error::Internal(format!("no randomness: {e}")))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw))
+}
+
+/// `POST {handoff.prefix}{path}`: stores the request, answers 201 + token.
+pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> Result<Response<ResponseBody>, Error> {
+    let cfg = &app.config;
+    let path = req.uri().path()[cfg.handoff.prefix.len()..].to_string();
+    let route = app.routes.find(&path).cloned().ok_or(Error::NotFound)?;
+    let max_body = cfg.limits.max_body;
+    if proxy::content_length(req.headers()).is_some_and(|len| len > max_body) {
+        return Err(Error::PayloadTooLarge(max_body));
+    }
+    let (parts, body) = req.into_parts();
+    let body = Limited::new(body, max_body as usize).collect().await.map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            Error::PayloadTooLarge(max_body)
+        } else {
+            Error::BadRequest(format!("request body could not be read: {e}"))
+        }
+    })?;
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let stored = StoredRequest {
+        route: route.prefix.clone(),
+        method: parts.method.clone(),
+        path_and_query,
+        headers: proxy::forwarded_headers(&parts, conn, true),
+        body: body.to_bytes(),
+    };
+    let token = new_token()?;
+    app.store.issue(token.clone(), stored).await.map_err(store_error)?;
+    app.metrics.tokens_issued.inc();
+    let stream_url = format!("{}/{}", cfg.handoff.stream_prefix, token);
+    let json = serde_json::json!({
+        "token": token,
+        "stream_url": stream_url,
+        "expires_in": cfg.handoff.ttl.as_secs(),
+    });
+    let mut resp = Response::new(full(json.to_string()));
+    *resp.status_mut() = StatusCode::CREATED;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(location) = HeaderValue::from_str(&stream_url) {
+        h.insert(header::LOCATION, location);
+    }
+    Ok(resp)
+}
+
+/// `GET {stream_prefix}/{token}`: the first GET starts the stream; later
+/// ones replay after `Last-Event-ID` and follow live.
+pub async fn attach(app: &Arc<App>, req: Request<Incoming>, token: &str) -> Result<Response<ResponseBody>, Error> {
+    let last_event_id = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let slot = app.stream_slot().ok_or(Error::Overloaded("too many streams (limits.max_streams)"))?;
+    let (log, cursor) = match app.store.redeem(token).await.map_err(store_error)? {
+        Redeem::Unknown => return Err(Error::UnknownToken),
+        Redeem::First(stored, log) => {
+            app.metrics.tokens_redeemed.inc();
+            log.hold(slot);
+            tokio::spawn(produce(app.clone(), stored, log.clone()));
+            (log, 0)
+        }
+        Redeem::Existing(log) => {
+            drop(slot);
+            let cursor = last_event_id.unwrap_or(0);
+            if log.final_id().is_some_and(|f| cursor >= f) {
+                let mut resp = Response::new(crate::body::empty());
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+                return Ok(resp);
+            }
+            app.metrics.resumes.inc();
+            (log, cursor)
+        }
+    };
+    let (tx, body) = ChannelBody::new(4);
+    let mut prelude = BytesMut::new();
+    write_retry(&mut prelude, app.config.sse.retry);
+    prelude.extend_from_slice(OPEN_COMMENT);
+    // The channel is new and has room: the head and prelude go out at once.
+    let _ = tx.try_send(prelude.freeze());
+    let (generation, owner) = log.attach();
+    tokio::spawn(follow(app.clone(), token.to_string(), log, cursor, tx, generation, owner));
+    let (mut head, ()) = Response::new(()).into_parts();
+    event_stream_head(&mut head);
+    Ok(Response::from_parts(head, body.boxed_unsync()))
+}
+
+/// `DELETE {stream_prefix}/{token}`: the user's Stop.
+pub async fn stop(app: &Arc<App>, token: &str) -> Result<Response<ResponseBody>, Error> {
+    if !app.store.stop(token).await.map_err(store_error)? {
+        return Err(Error::UnknownToken);
+    }
+    let mut resp = Response::new(crate::body::empty());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    Ok(resp)
+}
+
+fn store_error(e: StoreError) -> Error {
+    match e {
+        StoreError::TokensFull => Error::Overloaded("too many unused tokens (limits.max_tokens)"),
+        StoreError::StreamsFull => Error::Overloaded("too many streams (limits.max_streams)"),
+        StoreError::Unavailable(m) => Error::StoreUnavailable(m),
+    }
+}
+
+/// Writes the log to one client from `cursor` on, until the stream ends,
+/// the client leaves, or a newer GET takes the stream over.
+async fn follow(
+    app: Arc<App>,
+    token: String,
+    log: Arc<StreamLog>,
+    mut cursor: u64,
+    tx: mpsc::Sender<Bytes>,
+    generation: u64,
+    mut owner: tokio::sync::watch::Receiver<u64>,
+) {
+    let mut changed = log.subscribe();
+    let keepalive = app.config.sse.keepalive;
+    let mut last_write = Instant::now();
+    let replay_until = log.last_id();
+    loop {
+        if *owner.borrow() != generation {
+            break; // taken over by a newer GET
+        }
+        match log.read(cursor, READ_CHUNK) {
+            Read::Events(frame, next, count) => {
+                if cursor < replay_until {
+                    app.metrics.replayed_events.inc_by(count as u64);
+                }
+                if tx.send(frame).await.is_err() {
+                    break;
+                }
+                cursor = next;
+                last_write = Instant::now();
+            }
+            Read::Ended => break,
+            Read::Gap => {
+                let mut out = BytesMut::new();
+                let data = json_error("replay_gap", "the events after Last-Event-ID are no longer held (handoff.replay_bytes)");
+                crate::sse::write_unnumbered(&mut out, app.config.sse.error_event.as_bytes(), &data);
+                let _ = tx.send(out.freeze()).await;
+                break;
+            }
+            Read::Wait => {
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { break },
+                    r = owner.changed() => if r.is_err() { break },
+                    _ = tokio::time::sleep_until(last_write + keepalive) => {
+                        if tx.send(KEEPALIVE).await.is_err() {
+                            break;
+                        }
+                        last_write = Instant::now();
+                    }
+                    _ = tx.closed() => break,
+                }
+            }
+        }
+    }
+    drop(tx);
+    if log.detach() {
+        tokio::spawn(grace(app, token, log));
+    }
+}
+
+/// After the last client left: wait `resume_grace`; if nobody came back,
+/// cancel the upstream request (if it still runs) and forget the stream.
+async fn grace(app: Arc<App>, token: String, log: Arc<StreamLog>) {
+    let generation = log.generation();
+    tokio::time::sleep(app.config.handoff.resume_grace).await;
+    if log.is_attached() || log.generation() != generation {
+        return;
+    }
+    if !log.ended() && !log.cancel.is_cancelled() {
+        app.metrics.streams_cancelled.get_or_create(&ReasonLabel { reason: "grace" }).inc();
+        log.cancel.cancel();
+    }
+    app.store.forget(&token, &log).await;
+}
+
+/// Sends the stored request upstream and writes its events into the log.
+async fn produce(app: Arc<App>, stored: StoredRequest, log: Arc<StreamLog>) {
+    let started = std::time::Instant::now();
+    let Some(route) = app.routes.by_prefix(&stored.route) else {
+        let mut p = Producer::detached(&app, &log, Wire::Text);
+        p.error("upstream_unavailable", "the route of this request no longer exists");
+        return;
+    };
+    let mut stats = StreamStats::new(&app.metrics, &route, started);
+    let (path, query) = match stored.path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (stored.path_and_query.as_str(), None),
+    };
+    let body = Full::new(stored.body.clone()).map_err(|never| match never {}).boxed_unsync();
+    let req = match proxy::build_request(&route, stored.method.clone(), path, query, stored.headers.clone(), body) {
+        Ok(req) => req,
+        Err(e) => return Producer::detached(&app, &log, Wire::Text).error(e.kind(), &e.to_string()),
+    };
+    let sent = tokio::select! {
+        r = app.upstream.send(req, app.config.limits.max_body) => r,
+        _ = log.cancel.cancelled() => return Producer::detached(&app, &log, Wire::Text).cancelled(&mut stats),
+        _ = app.drain.cancelled() => return Producer::detached(&app, &log, Wire::Text).error("shutdown", "the proxy is shutting down"),
+    };
+    let (resp, head_time) = match sent {
+        Ok(ok) => ok,
+        Err(e) => {
+            stats.outcome = e.kind();
+            stats.upstream_error(e.kind());
+            return Producer::detached(&app, &log, Wire::Text).error(e.kind(), &e.to_string());
+        }
+    };
+    app.metrics.upstream_head_seconds.get_or_create(&route.label).observe(head_time.as_secs_f64());
+    let (head, body) = resp.into_parts();
+    let mut producer = Producer::detached(&app, &log, Wire::choose(route.format, &head.headers));
+    if head.status.as_u16() >= 400 {
+        stats.outcome = "upstream_status";
+        stats.upstream_error("upstream_status");
+        return producer.upstream_status(head.status, body).await;
+    }
+    let mut source = Decoded::new(body, &head.headers);
+    let idle = app.config.limits.idle_timeout;
+    loop {
+        let chunk = tokio::select! {
+            c = std::future::poll_fn(|cx| source.poll_chunk(cx)) => c,
+            _ = tokio::time::sleep(idle) => {
+                stats.outcome = "upstream_timeout";
+                stats.upstream_error("upstream_timeout");
+                return producer.error("upstream_timeout", &format!("upstream sent nothing for {idle:?}"));
+            }
+            _ = log.cancel.cancelled() => return producer.cancelled(&mut stats),
+            _ = app.drain.cancelled() => {
+                stats.outcome = "shutdown";
+                return producer.error("shutdown", "the proxy is shutting down");
+            }
+        };
+        let kind = match chunk {
+            Some(Ok(chunk)) => {
+                producer.reframer.feed(&chunk);
+                match producer.drain(&mut stats) {
+                    Ok(()) => continue,
+                    Err(e) => ("event_too_large", e.to_string()),
+                }
+            }
+            Some(Err(ChunkError::Upstream(e))) => ("upstream_reset", format!("upstream connection failed mid-stream: {e}")),
+            Some(Err(ChunkError::Decode(e))) => ("upstream_decode", format!("upstream body could not be decompressed: {e}")),
+            None => {
+                producer.reframer.feed_eof();
+                if let Err(e) = producer.drain(&mut stats) {
+                    ("event_too_large", e.to_string())
+                } else {
+                    stats.outcome = "complete";
+                    return producer.end("complete", &mut stats);
+                }
+            }
+        };
+        stats.outcome = kind.0;
+        stats.upstream_error(kind.0);
+        return producer.error(kind.0, &kind.1);
+    }
+}
+
+/// Encodes events into the log, each as its own frame.
+struct Producer<'a> {
+    log: &'a StreamLog,
+    reframer: Reframer,
+    out: BytesMut,
+    end_name: &'a [u8],
+    error_name: &'a [u8],
+}
+
+impl<'a> Producer<'a> {
+    fn detached(app: &'a App, log: &'a StreamLog, wire: Wire) -> Producer<'a> {
+        Producer {
+            log,
+            reframer: Reframer::new(wire, app.config.limits.max_event_bytes as usize),
+            out: BytesMut::with_capacity(4096),
+            end_name: app.config.sse.end_event.as_bytes(),
+            error_name: app.config.sse.error_event.as_bytes(),
+        }
+    }
+
+    fn drain(&mut self, stats: &mut StreamStats) -> Result<(), crate::reframe::TooLarge> {
+        while let Some(id) = self.reframer.next_event(&mut self.out)? {
+            let frame = self.out.split().freeze();
+            stats.events += 1;
+            stats.wrote(frame.len());
+            self.log.append(id, frame, false);
+        }
+        Ok(())
+    }
+
+    fn push_final(&mut self, name: &[u8], data: &[u8]) {
+        let id = self.reframer.push(&mut self.out, name, data);
+        self.log.append(id, self.out.split().freeze(), true);
+    }
+
+    fn end(&mut self, reason: &str, stats: &mut StreamStats) {
+        let data = format!("{{\"reason\":\"{reason}\"}}");
+        stats.events += 1;
+        let end_name = self.end_name;
+        self.push_final(end_name, data.as_bytes());
+    }
+
+    fn error(&mut self, kind: &str, message: &str) {
+        let error_name = self.error_name;
+        self.push_final(error_name, &json_error(kind, message));
+    }
+
+    fn cancelled(&mut self, stats: &mut StreamStats) {
+        if self.log.stopped_by_user.load(Ordering::Acquire) {
+            stats.outcome = "cancelled";
+            self.end("cancelled", stats);
+        } else {
+            stats.outcome = "abandoned";
+        }
+    }
+
+    async fn upstream_status(&mut self, status: StatusCode, body: Incoming) {
+        let read = Limited::new(body, ERROR_BODY_LIMIT).collect();
+        let bytes = match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            _ => Bytes::new(),
+        };
+        let body_value = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        let data = serde_json::json!({
+            "error": {
+                "type": "upstream_status",
+                "message": format!("upstream answered {status}"),
+                "status": status.as_u16(),
+                "body": body_value,
+            }
+        });
+        let error_name = self.error_name;
+        self.push_final(error_name, data.to_string().as_bytes());
+    }
+}

@@ -1,0 +1,70 @@
+//! Where handoff tokens and streams live: the [`Store`] trait (in memory
+//! here; Redis shares them between instances) and the per-stream replay
+//! [`log::StreamLog`] that clients read from.
+
+pub mod log;
+pub mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+
+pub use log::StreamLog;
+pub use memory::MemoryStore;
+
+/// A boxed future, so that the store can be a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A request stored by a handoff POST, as direct mode would forward it
+/// (the route's headers are added when it is sent, so that upstream
+/// credentials are never stored).
+#[derive(Debug, Clone)]
+pub struct StoredRequest {
+    /// The prefix of the route it matched.
+    pub route: String,
+    pub method: Method,
+    /// Path and query as the client sent them after the handoff prefix.
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// What a stream GET finds under a token.
+pub enum Redeem {
+    /// The first GET: this caller must send the request upstream, once.
+    First(StoredRequest, Arc<StreamLog>),
+    /// The stream already runs (or ended within `resume_grace`).
+    Existing(Arc<StreamLog>),
+    /// Unknown, expired or forgotten.
+    Unknown,
+}
+
+/// Why the store refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("too many unused tokens (limits.max_tokens)")]
+    TokensFull,
+    #[error("too many streams (limits.max_streams)")]
+    StreamsFull,
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Tokens and streams, shared by every request of an instance.
+pub trait Store: Send + Sync {
+    /// Stores a request under a new token for `handoff.ttl`.
+    fn issue(&self, token: String, req: StoredRequest) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Claims a token for its first GET (atomically: one caller ever gets
+    /// `First`), or finds its stream.
+    fn redeem<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Redeem, StoreError>>;
+    /// The user's Stop: cancels a running stream, or drops an unused token.
+    /// False when the token is unknown.
+    fn stop<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Forgets a stream whose grace has run out.
+    fn forget<'a>(&'a self, token: &'a str, log: &'a Arc<StreamLog>) -> BoxFuture<'a, ()>;
+    /// Whether the store answers (for `/readyz`).
+    fn ready(&self) -> BoxFuture<'_, bool>;
+}
