@@ -14,7 +14,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -25,20 +25,6 @@ pub struct Config {
     /// Without it the proxy does not authenticate clients.
     pub auth: Option<AuthConfig>,
     pub routes: Vec<RouteConfig>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            sse: SseConfig::default(),
-            handoff: HandoffConfig::default(),
-            limits: LimitsConfig::default(),
-            cors: CorsConfig::default(),
-            auth: None,
-            routes: Vec::new(),
-        }
-    }
 }
 
 /// `[server]`: where to listen and how to stop.
@@ -280,9 +266,7 @@ impl Config {
             let offset = e.span().map(|s| s.start);
             ConfigError {
                 file: file.into(),
-                key: offset
-                    .and_then(|o| key_at(doc.as_item(), o))
-                    .unwrap_or_else(|| "(document)".into()),
+                key: offset.and_then(|o| key_at(doc.as_item(), o)).unwrap_or_else(|| "(document)".into()),
                 line: offset.map(|o| line_of_offset(text, o)),
                 reason: e.message().trim().to_string(),
             }
@@ -339,16 +323,15 @@ impl Config {
                 return Err((key("prefix"), format!("`{}` is used by an earlier route", route.prefix)));
             }
         }
-        if self.server.listen == self.server.admin_listen {
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             return fail("server.admin_listen", "must differ from server.listen");
         }
         if let Some(tls) = &self.server.tls {
             crate::tls::server_config(tls).map_err(|e| (e.key.to_string(), e.reason))?;
         }
-        for (key, value) in [
-            ("handoff.prefix", &self.handoff.prefix),
-            ("handoff.stream_prefix", &self.handoff.stream_prefix),
-        ] {
+        for (key, value) in
+            [("handoff.prefix", &self.handoff.prefix), ("handoff.stream_prefix", &self.handoff.stream_prefix)]
+        {
             if !value.starts_with('/') || value.len() < 2 || value.ends_with('/') {
                 return fail(key, "must start with `/`, have a name, and not end with `/`");
             }
@@ -359,10 +342,7 @@ impl Config {
         if self.handoff.store != "memory" && !self.handoff.store.starts_with("redis://") {
             return fail("handoff.store", "must be \"memory\" or \"redis://HOST:PORT/DB\"");
         }
-        for (key, value) in [
-            ("sse.end_event", &self.sse.end_event),
-            ("sse.error_event", &self.sse.error_event),
-        ] {
+        for (key, value) in [("sse.end_event", &self.sse.end_event), ("sse.error_event", &self.sse.error_event)] {
             if value.is_empty() || value.contains(['\r', '\n']) {
                 return fail(key, "must be a non-empty name on one line");
             }
@@ -399,9 +379,7 @@ impl Config {
             match (&auth.jwt_hs256_secret, &auth.jwks_file) {
                 (None, None) => return fail("auth", "needs jwt_hs256_secret or jwks_file"),
                 (Some(_), Some(_)) => return fail("auth", "set jwt_hs256_secret or jwks_file, not both"),
-                (Some(s), None) if s.0.len() < 16 => {
-                    return fail("auth.jwt_hs256_secret", "must be at least 16 bytes")
-                }
+                (Some(s), None) if s.0.len() < 16 => return fail("auth.jwt_hs256_secret", "must be at least 16 bytes"),
                 _ => {}
             }
         }
@@ -547,17 +525,18 @@ fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
 }
 
 fn opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
-    string(d).map(|s| Some(Secret(s)))
+    Secret::deserialize(d).map(Some)
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        string(d).map(Secret)
+    }
 }
 
 fn secret_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Secret>, D::Error> {
-    let raw = BTreeMap::<String, String>::deserialize(d)?;
-    raw.into_iter()
-        .map(|(k, v)| {
-            let v = substitute_env(&v).map_err(|e| de::Error::custom(format!("header `{k}`: {e}")))?;
-            Ok((k.to_ascii_lowercase(), Secret(v)))
-        })
-        .collect()
+    let raw = BTreeMap::<String, Secret>::deserialize(d)?;
+    Ok(raw.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect())
 }
 
 fn path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
@@ -570,8 +549,7 @@ fn opt_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error
 
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let raw = string(d)?;
-    raw.parse()
-        .map_err(|_| de::Error::custom(format!("`{raw}` is not an address such as \"127.0.0.1:8080\"")))
+    raw.parse().map_err(|_| de::Error::custom(format!("`{raw}` is not an address such as \"127.0.0.1:8080\"")))
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -587,9 +565,8 @@ fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         Int(u64),
         Text(String),
     }
-    let raw = Raw::deserialize(d).map_err(|_| {
-        de::Error::custom("expected a size: an integer number of bytes or a string such as \"64KiB\"")
-    })?;
+    let raw = Raw::deserialize(d)
+        .map_err(|_| de::Error::custom("expected a size: an integer number of bytes or a string such as \"64KiB\""))?;
     match raw {
         Raw::Int(n) => Ok(n),
         Raw::Text(s) => {

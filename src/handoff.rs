@@ -95,11 +95,8 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> R
 /// `GET {stream_prefix}/{token}`: the first GET starts the stream; later
 /// ones replay after `Last-Event-ID` and follow live.
 pub async fn attach(app: &Arc<App>, req: Request<Incoming>, token: &str) -> Result<Response<ResponseBody>, Error> {
-    let last_event_id = req
-        .headers()
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let last_event_id =
+        req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     let slot = app.stream_slot().ok_or(Error::Overloaded("too many streams (limits.max_streams)"))?;
     let (log, cursor) = match app.store.redeem(token).await.map_err(store_error)? {
         Redeem::Unknown => return Err(Error::UnknownToken),
@@ -185,7 +182,10 @@ async fn follow(
             Read::Ended => break,
             Read::Gap => {
                 let mut out = BytesMut::new();
-                let data = json_error("replay_gap", "the events after Last-Event-ID are no longer held (handoff.replay_bytes)");
+                let data = json_error(
+                    "replay_gap",
+                    "the events after Last-Event-ID are no longer held (handoff.replay_bytes)",
+                );
                 crate::sse::write_unnumbered(&mut out, app.config.sse.error_event.as_bytes(), &data);
                 let _ = tx.send(out.freeze()).await;
                 break;
@@ -289,8 +289,12 @@ async fn produce(app: Arc<App>, stored: StoredRequest, log: Arc<StreamLog>) {
                     Err(e) => ("event_too_large", e.to_string()),
                 }
             }
-            Some(Err(ChunkError::Upstream(e))) => ("upstream_reset", format!("upstream connection failed mid-stream: {e}")),
-            Some(Err(ChunkError::Decode(e))) => ("upstream_decode", format!("upstream body could not be decompressed: {e}")),
+            Some(Err(ChunkError::Upstream(e))) => {
+                ("upstream_reset", format!("upstream connection failed mid-stream: {e}"))
+            }
+            Some(Err(ChunkError::Decode(e))) => {
+                ("upstream_decode", format!("upstream body could not be decompressed: {e}"))
+            }
             None => {
                 producer.reframer.feed_eof();
                 if let Err(e) = producer.drain(&mut stats) {
@@ -314,6 +318,7 @@ struct Producer<'a> {
     out: BytesMut,
     end_name: &'a [u8],
     error_name: &'a [u8],
+    metrics: &'a crate::metrics::Metrics,
 }
 
 impl<'a> Producer<'a> {
@@ -324,6 +329,7 @@ impl<'a> Producer<'a> {
             out: BytesMut::with_capacity(4096),
             end_name: app.config.sse.end_event.as_bytes(),
             error_name: app.config.sse.error_event.as_bytes(),
+            metrics: &app.metrics,
         }
     }
 
@@ -356,6 +362,7 @@ impl<'a> Producer<'a> {
 
     fn cancelled(&mut self, stats: &mut StreamStats) {
         if self.log.stopped_by_user.load(Ordering::Acquire) {
+            self.metrics.streams_cancelled.get_or_create(&ReasonLabel { reason: "delete" }).inc();
             stats.outcome = "cancelled";
             self.end("cancelled", stats);
         } else {

@@ -148,8 +148,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         metrics.clone(),
     ));
     memory.spawn_purge();
+    let routes = Routes::new(&config.routes).map_err(StartError::Routes)?;
+    for route in routes.iter() {
+        metrics.init_route(&route.label);
+    }
     let app = Arc::new(App {
-        routes: Routes::new(&config.routes).map_err(StartError::Routes)?,
+        routes,
         upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),
         metrics,
         store: memory,

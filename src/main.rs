@@ -115,13 +115,18 @@ fn serve(mut config: Config, with_demo: bool) -> ExitCode {
             config.routes[0].upstream = format!("http://{addr}");
             demo::spawn(listener, demo::Pace::default());
         }
+        if with_demo && std::net::TcpListener::bind(config.server.admin_listen).is_err() {
+            // The demo must start on a machine where 9901 is taken.
+            config.server.admin_listen.set_port(0);
+        }
         let listeners = match Listeners::bind(&config).await {
             Ok(l) => l,
             Err(e) => return fail(&e.to_string()),
         };
         if with_demo {
-            let url = format!("http://{}", config.server.listen);
-            println!("ssegate demo is running on {url} (admin: http://{})", config.server.admin_listen);
+            let local = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let url = format!("http://{}", local(&listeners.public));
+            println!("ssegate demo is running on {url} (admin: http://{})", local(&listeners.admin));
             println!("stream an answer through the proxy:");
             println!(
                 "  curl -N {url}/v1/chat/completions -H 'content-type: application/json' \

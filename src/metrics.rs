@@ -117,7 +117,11 @@ impl Metrics {
             "Time from upstream request to its response head",
             m.upstream_head_seconds.clone(),
         );
-        registry.register("events_per_second", "Events per second over each finished stream", m.events_per_second.clone());
+        registry.register(
+            "events_per_second",
+            "Events per second over each finished stream",
+            m.events_per_second.clone(),
+        );
         registry.register("tokens_issued", "Handoff tokens issued", m.tokens_issued.clone());
         registry.register("tokens_redeemed", "Handoff tokens redeemed by a first GET", m.tokens_redeemed.clone());
         registry.register("tokens_expired", "Handoff tokens that expired unused", m.tokens_expired.clone());
@@ -125,7 +129,7 @@ impl Metrics {
         registry.register("replayed_events", "Events replayed to resuming clients", m.replayed_events.clone());
         registry.register("streams_cancelled", "Handoff streams cancelled, by reason", m.streams_cancelled.clone());
         registry.register("connections_open", "Client connections open now", m.connections_open.clone());
-        Metrics { registry: std::mem::replace(&mut registry, Registry::default()), ..m }
+        Metrics { registry, ..m }
     }
 
     /// The Prometheus text exposition.
@@ -134,6 +138,26 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Creates the per-route series, so that a fresh `/metrics` lists them.
+    pub fn init_route(&self, label: &RouteLabel) {
+        let _ = self.streams_active.get_or_create(label);
+        let _ = self.events_sent.get_or_create(label);
+        let _ = self.bytes_sent.get_or_create(label);
+        let _ = self.keepalives_sent.get_or_create(label);
+        let _ = self.first_event_seconds.get_or_create(label);
+        let _ = self.upstream_head_seconds.get_or_create(label);
+        let _ = self.events_per_second.get_or_create(label);
+        for outcome in ["complete", "client_gone"] {
+            let _ = self.streams_ended.get_or_create(&OutcomeLabels { route: label.route.clone(), outcome });
+        }
+        for r#type in ["upstream_unavailable", "upstream_timeout", "upstream_reset"] {
+            let _ = self.upstream_errors.get_or_create(&ErrorLabels { route: label.route.clone(), r#type });
+        }
+        for reason in ["grace", "delete"] {
+            let _ = self.streams_cancelled.get_or_create(&ReasonLabel { reason });
+        }
     }
 
     /// Counts an upstream failure.

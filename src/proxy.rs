@@ -25,7 +25,12 @@ pub struct ConnInfo {
 }
 
 /// Forwards a direct-mode request and answers with the upstream's response.
-pub async fn forward(app: &Arc<App>, route: &Arc<Route>, req: Request<Incoming>, conn: ConnInfo) -> Result<Response<ResponseBody>, Error> {
+pub async fn forward(
+    app: &Arc<App>,
+    route: &Arc<Route>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Result<Response<ResponseBody>, Error> {
     let started = Instant::now();
     let max_body = app.config.limits.max_body;
     if content_length(req.headers()).is_some_and(|len| len > max_body) {
@@ -48,10 +53,7 @@ pub async fn forward(app: &Arc<App>, route: &Arc<Route>, req: Request<Incoming>,
             return Err(e);
         }
     };
-    app.metrics
-        .upstream_head_seconds
-        .get_or_create(&route.label)
-        .observe(head_time.as_secs_f64());
+    app.metrics.upstream_head_seconds.get_or_create(&route.label).observe(head_time.as_secs_f64());
     let (mut head, body) = resp.into_parts();
     strip_hop_by_hop(&mut head.headers);
     let is_event_stream = is_event_stream(&head.headers);
@@ -156,11 +158,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     let name = HeaderName::from_static("x-forwarded-for");
     let prior: Vec<&str> = headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()).collect();
-    let value = if prior.is_empty() {
-        peer.ip().to_string()
-    } else {
-        format!("{}, {}", prior.join(", "), peer.ip())
-    };
+    let value = if prior.is_empty() { peer.ip().to_string() } else { format!("{}, {}", prior.join(", "), peer.ip()) };
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(name, value);
     }

@@ -7,8 +7,8 @@ use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
-use crate::cors;
 use crate::config::{Format, RouteConfig};
+use crate::cors;
 use crate::error::Error;
 use crate::metrics::{OutcomeLabels, RouteLabel};
 use crate::proxy::{self, ConnInfo};
@@ -62,8 +62,13 @@ impl Routes {
     /// Compiles validated route configs.
     pub fn new(configs: &[RouteConfig]) -> Result<Routes, String> {
         let mut routes = configs.iter().map(|c| Route::compile(c).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(Routes(routes))
+    }
+
+    /// Every route.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.0.iter()
     }
 
     /// The route whose prefix is exactly `prefix`.
@@ -113,7 +118,11 @@ fn handoff_endpoint(app: &App, path: &str, method: &Method) -> Option<Endpoint> 
 }
 
 /// The response of a handoff endpoint, with CORS headers for allowed origins.
-fn finish(app: &App, headers: http::HeaderMap, result: Result<Response<ResponseBody>, Error>) -> Response<ResponseBody> {
+fn finish(
+    app: &App,
+    headers: http::HeaderMap,
+    result: Result<Response<ResponseBody>, Error>,
+) -> Response<ResponseBody> {
     let mut resp = result.unwrap_or_else(|e| {
         tracing::debug!(status = e.status().as_u16(), error = %e, "handoff request refused");
         e.into_response()
@@ -132,7 +141,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> Re
     if let Some(resp) = handoff_endpoint(&app, req.uri().path(), req.method()) {
         return match resp {
             Endpoint::Create => finish(&app, req.headers().clone(), crate::handoff::create(&app, req, conn).await),
-            Endpoint::Attach(token) => finish(&app, req.headers().clone(), crate::handoff::attach(&app, req, &token).await),
+            Endpoint::Attach(token) => {
+                finish(&app, req.headers().clone(), crate::handoff::attach(&app, req, &token).await)
+            }
             Endpoint::Stop(token) => finish(&app, req.headers().clone(), crate::handoff::stop(&app, &token).await),
             Endpoint::Preflight => cors::preflight(&app.config.cors, req.headers()),
             Endpoint::MethodNotAllowed => Error::MethodNotAllowed.into_response(),

@@ -75,10 +75,7 @@ pub async fn accept_loop(
 
 fn builder(app: &App) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(app.config.limits.header_timeout)
-        .max_buf_size(64 * 1024);
+    b.http1().timer(TokioTimer::new()).header_read_timeout(app.config.limits.header_timeout).max_buf_size(64 * 1024);
     b.http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(20))

@@ -33,7 +33,8 @@ use crate::App;
 pub fn event_stream_head(head: &mut response::Parts) {
     head.status = StatusCode::OK;
     let h = &mut head.headers;
-    for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING, header::ETAG, header::LAST_MODIFIED, header::EXPIRES] {
+    for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING, header::ETAG, header::LAST_MODIFIED, header::EXPIRES]
+    {
         h.remove(name);
     }
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
@@ -160,12 +161,14 @@ impl Body for EventStream {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     let frame = match e {
-                        crate::decompress::ChunkError::Upstream(e) => {
-                            this.finish_with_error("upstream_reset", &format!("upstream connection failed mid-stream: {e}"))
-                        }
-                        crate::decompress::ChunkError::Decode(e) => {
-                            this.finish_with_error("upstream_decode", &format!("upstream body could not be decompressed: {e}"))
-                        }
+                        crate::decompress::ChunkError::Upstream(e) => this.finish_with_error(
+                            "upstream_reset",
+                            &format!("upstream connection failed mid-stream: {e}"),
+                        ),
+                        crate::decompress::ChunkError::Decode(e) => this.finish_with_error(
+                            "upstream_decode",
+                            &format!("upstream body could not be decompressed: {e}"),
+                        ),
                     };
                     return Poll::Ready(Some(Ok(Frame::data(frame))));
                 }
@@ -293,10 +296,7 @@ impl Drop for StreamStats {
         let duration = self.started.elapsed();
         self.metrics.active.dec();
         self.metrics.events.inc_by(self.events - self.reported);
-        self.metrics
-            .ended
-            .get_or_create(&OutcomeLabels { route: self.route.clone(), outcome: self.outcome })
-            .inc();
+        self.metrics.ended.get_or_create(&OutcomeLabels { route: self.route.clone(), outcome: self.outcome }).inc();
         let secs = duration.as_secs_f64();
         if self.events > 0 && secs > 0.0 {
             self.metrics.rate.observe(self.events as f64 / secs);

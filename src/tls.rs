@@ -29,9 +29,15 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
         .map_err(|e| TlsError { key: "server.tls", reason: e.to_string() })?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| TlsError {
-            key: "server.tls.key",
-            reason: format!("{} does not match {}: {e}", tls.key.display(), tls.cert.display()),
+        .map_err(|e| match e {
+            rustls::Error::InvalidCertificate(_) | rustls::Error::InvalidCertRevocationList(_) => TlsError {
+                key: "server.tls.cert",
+                reason: format!("{}: not a usable certificate: {e}", tls.cert.display()),
+            },
+            e => TlsError {
+                key: "server.tls.key",
+                reason: format!("{} does not match {}: {e}", tls.key.display(), tls.cert.display()),
+            },
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))

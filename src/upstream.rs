@@ -42,15 +42,17 @@ impl Upstream {
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(https);
         Upstream { client, first_byte_timeout }
     }
 
     /// Sends a request and waits for its response head, at most
     /// `first_byte_timeout`. Returns the head and how long it took.
-    pub async fn send(&self, req: Request<RequestBody>, max_body: u64) -> Result<(Response<Incoming>, Duration), Error> {
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+        max_body: u64,
+    ) -> Result<(Response<Incoming>, Duration), Error> {
         let started = Instant::now();
         match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok((resp, started.elapsed())),

@@ -56,8 +56,13 @@ impl Wire {
             Format::Text => Wire::Text,
             Format::Auto => match crate::proxy::media_type(headers).map(str::to_ascii_lowercase).as_deref() {
                 Some("text/event-stream") => Wire::Sse,
-                Some("application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines"
-                | "application/json-seq") => Wire::Ndjson,
+                Some(
+                    "application/x-ndjson"
+                    | "application/ndjson"
+                    | "application/jsonl"
+                    | "application/x-jsonlines"
+                    | "application/json-seq",
+                ) => Wire::Ndjson,
                 _ => Wire::Text,
             },
         }
@@ -105,7 +110,12 @@ pub struct Reframer {
 impl Reframer {
     /// A reframer for one stream.
     pub fn new(wire: Wire, max_event_bytes: usize) -> Reframer {
-        Reframer { decoder: Decoder::new(wire, max_event_bytes), encoder: SseEncoder::new(), buf: BytesMut::new(), eof: false }
+        Reframer {
+            decoder: Decoder::new(wire, max_event_bytes),
+            encoder: SseEncoder::new(),
+            buf: BytesMut::new(),
+            eof: false,
+        }
     }
 
     /// Hands the reframer the next upstream chunk.
@@ -120,7 +130,8 @@ impl Reframer {
 
     /// Encodes the next complete event into `out`; returns its id.
     pub fn next_event(&mut self, out: &mut BytesMut) -> Result<Option<u64>, TooLarge> {
-        let event = if self.eof { self.decoder.decode_eof(&mut self.buf)? } else { self.decoder.decode(&mut self.buf)? };
+        let event =
+            if self.eof { self.decoder.decode_eof(&mut self.buf)? } else { self.decoder.decode(&mut self.buf)? };
         Ok(event.map(|e| self.encoder.encode(out, e.name.as_deref(), &e.data)))
     }
 
@@ -183,6 +194,9 @@ pub(crate) mod testing {
     }
 
     pub fn ev(name: Option<&str>, data: &str) -> Event {
-        Event { name: name.map(|n| Bytes::copy_from_slice(n.as_bytes())), data: Bytes::copy_from_slice(data.as_bytes()) }
+        Event {
+            name: name.map(|n| Bytes::copy_from_slice(n.as_bytes())),
+            data: Bytes::copy_from_slice(data.as_bytes()),
+        }
     }
 }

@@ -208,7 +208,7 @@ mod tests {
     fn oversized_line_and_event() {
         let (ev1, err) = assert_split_invariant(Wire::Sse, 16, b"data: ok\n\ndata: 0123456789abcdefgh\n\n");
         assert_eq!((ev1.len(), err.is_some()), (1, true));
-        let (ev2, err) = assert_split_invariant(Wire::Sse, 16, b"data: 0123456\ndata: 0123456\n\n");
+        let (ev2, err) = assert_split_invariant(Wire::Sse, 16, b"data: 0123456789\ndata: 0123456789\n\n");
         assert_eq!((ev2.len(), err.is_some()), (0, true));
     }
 }

@@ -279,7 +279,8 @@ pub fn parse_sse(text: &str) -> Vec<Ev> {
             if line.starts_with(':') || line.is_empty() {
                 continue;
             }
-            let (field, value) = line.split_once(':').map(|(f, v)| (f, v.strip_prefix(' ').unwrap_or(v))).unwrap_or((line, ""));
+            let (field, value) =
+                line.split_once(':').map(|(f, v)| (f, v.strip_prefix(' ').unwrap_or(v))).unwrap_or((line, ""));
             match field {
                 "id" => ev.id = Some(value.to_string()),
                 "event" => ev.event = Some(value.to_string()),
@@ -366,7 +367,9 @@ pub async fn read_until(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, n
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {:?}; got {:?}", String::from_utf8_lossy(needle), String::from_utf8_lossy(buf)))
+    .unwrap_or_else(|_| {
+        panic!("timed out waiting for {:?}; got {:?}", String::from_utf8_lossy(needle), String::from_utf8_lossy(buf))
+    })
 }
 
 /// Reads an HTTP/1.1 message head (through the blank line) from a raw
@@ -382,9 +385,11 @@ pub async fn read_head(stream: &mut tokio::net::TcpStream) -> (String, Vec<u8>) 
 /// `reqwest::Body` that streams (chunked, no content-length).
 pub fn streamed_body() -> (tokio::sync::mpsc::Sender<Bytes>, reqwest::Body) {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    });
+    let stream =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
+        );
     (tx, reqwest::Body::wrap_stream(stream))
 }
 

@@ -1,0 +1,175 @@
+//! The listener: the header timeout against stalled sockets, and the drain
+//! on shutdown.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use support::{body_text, client, parse_sse, wait_for, End, Proxy, Reply, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the proxy closes the socket (EOF or reset), failing after
+/// 10 s. Returns whatever it sent before closing.
+async fn until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the proxy kept the connection open");
+    out
+}
+
+/// Waits for the run task to return, failing after 10 s.
+async fn stopped(proxy: Proxy) {
+    let result = tokio::time::timeout(Duration::from_secs(10), proxy.task).await.expect("run did not return");
+    result.expect("run panicked").expect("run failed");
+}
+
+#[tokio::test]
+async fn a_half_sent_head_is_dropped_while_others_are_served() {
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let mut config = support::config(upstream.addr);
+    config.limits.header_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(config).await;
+
+    let started = Instant::now();
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    stalled.write_all(b"POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: app").await.unwrap();
+
+    // Another client is served meanwhile.
+    let resp = client().get(proxy.url("/v1/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_text(resp).await, "ok");
+
+    let sent = until_closed(&mut stalled).await;
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_timeout");
+    let text = String::from_utf8_lossy(&sent);
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "unexpected answer: {text}");
+    assert_eq!(upstream.count(), 1, "the stalled request went upstream");
+}
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_is_dropped() {
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let mut config = support::config(upstream.addr);
+    config.limits.header_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(config).await;
+
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    let resp = client().get(proxy.url("/v1/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    until_closed(&mut silent).await;
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_timeout");
+}
+
+#[tokio::test]
+async fn a_slow_head_within_the_timeout_is_served() {
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let mut config = support::config(upstream.addr);
+    config.limits.header_timeout = Duration::from_secs(5);
+    let proxy = Proxy::start(config).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(b"GET /v1/x HTTP/1.1\r\n").await.unwrap();
+    stream.write_all(b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n").await.unwrap();
+    let text = String::from_utf8(until_closed(&mut stream).await).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+#[tokio::test]
+async fn drain_lets_an_open_stream_finish() {
+    let chunks: &[&[u8]] = &[b"one ", b"two ", b"three ", b"four ", b"five"];
+    let mut upstream =
+        Upstream::start(move |_| Reply::chunks("text/plain", chunks).paced(Duration::from_millis(100))).await;
+    let mut proxy = Proxy::start(support::config(upstream.addr)).await;
+
+    let mut resp = client().get(proxy.url("/v1/generate")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let first = resp.chunk().await.unwrap().expect("no first chunk");
+    proxy.shutdown();
+
+    // New connections are refused while the open stream goes on.
+    let addr = proxy.addr;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the proxy still accepts connections after shutdown");
+
+    let mut text = String::from_utf8(first.to_vec()).unwrap();
+    text.push_str(&body_text(resp).await);
+    assert_eq!(text, "one two three four five");
+    wait_for(&mut upstream.completed, 1).await;
+    stopped(proxy).await;
+}
+
+#[tokio::test]
+async fn drain_timeout_ends_an_event_stream_with_a_shutdown_event() {
+    let mut upstream =
+        Upstream::start(|_| Reply::chunks("text/event-stream", &[b"data: first\n\n"]).ending(End::Hang)).await;
+    let mut config = support::config(upstream.addr);
+    config.server.drain_timeout = Duration::from_millis(300);
+    let mut proxy = Proxy::start(config).await;
+
+    let mut resp = client().get(proxy.url("/v1/chat")).header("accept", "text/event-stream").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut text = String::new();
+    while !text.contains("data: first\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), resp.chunk()).await.unwrap().unwrap();
+        text.push_str(std::str::from_utf8(&chunk.expect("stream ended early")).unwrap());
+    }
+    let started = Instant::now();
+    proxy.shutdown();
+    text.push_str(&body_text(resp).await);
+    assert!(started.elapsed() >= Duration::from_millis(250), "stream cut before drain_timeout");
+
+    let events = parse_sse(&text);
+    assert_eq!(events.first().map(|e| e.data.as_str()), Some("first"), "{text}");
+    let last = events.last().unwrap();
+    assert_eq!(last.event.as_deref(), Some("error"), "{text}");
+    let data: serde_json::Value = serde_json::from_str(&last.data).unwrap();
+    assert_eq!(data["error"]["type"], "shutdown", "{text}");
+    assert!(data["error"]["message"].is_string());
+    assert_eq!(events.len(), 2, "{text}");
+
+    wait_for(&mut upstream.cancelled, 1).await;
+    stopped(proxy).await;
+}
+
+#[tokio::test]
+async fn drain_timeout_cuts_a_hanging_pass_through_body() {
+    let upstream = Upstream::start(|_| Reply::chunks("text/plain", &[b"partial"]).ending(End::Hang)).await;
+    let mut config = support::config(upstream.addr);
+    config.server.drain_timeout = Duration::from_millis(300);
+    let mut proxy = Proxy::start(config).await;
+
+    let mut resp = client().get(proxy.url("/v1/generate")).send().await.unwrap();
+    let first = resp.chunk().await.unwrap().expect("no first chunk");
+    assert_eq!(&first[..], b"partial");
+    proxy.shutdown();
+    // The body ends (cut, since a pass-through has no way to say why) and
+    // the proxy stops.
+    let rest = tokio::time::timeout(Duration::from_secs(10), resp.bytes()).await.expect("body did not end");
+    if let Ok(rest) = rest {
+        assert!(rest.is_empty());
+    }
+    stopped(proxy).await;
+}
+
+#[tokio::test]
+async fn shutdown_with_nothing_open_returns_at_once() {
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let mut config = support::config(upstream.addr);
+    config.server.drain_timeout = Duration::from_secs(30);
+    let mut proxy = Proxy::start(config).await;
+    // An idle keep-alive connection must not hold the drain.
+    let c = client();
+    assert_eq!(c.get(proxy.url("/v1/x")).send().await.unwrap().status(), StatusCode::OK);
+    let started = Instant::now();
+    proxy.shutdown();
+    stopped(proxy).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "drain waited for an idle connection");
+    drop(c);
+}

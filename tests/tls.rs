@@ -1,0 +1,105 @@
+//! HTTPS on the public listener with a certificate generated here: HTTP/2
+//! by ALPN, HTTP/1.1 for clients that only speak that.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{StatusCode, Version};
+use ssegate::config::TlsConfig;
+use support::{body_text, parse_sse, Proxy, Reply, Upstream};
+
+struct Tls {
+    _dir: tempfile::TempDir,
+    config: TlsConfig,
+    root: reqwest::Certificate,
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, written as PEM
+/// files into a temporary directory.
+fn certificate() -> Tls {
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    std::fs::write(&key_path, key.signing_key.serialize_pem()).unwrap();
+    let root = reqwest::Certificate::from_pem(key.cert.pem().as_bytes()).unwrap();
+    Tls { _dir: dir, config: TlsConfig { cert, key: key_path }, root }
+}
+
+fn https_client(tls: &Tls, http1_only: bool) -> reqwest::Client {
+    let builder = reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(tls.root.clone())
+        .timeout(Duration::from_secs(20));
+    let builder = if http1_only { builder.http1_only() } else { builder };
+    builder.build().unwrap()
+}
+
+async fn tls_proxy(tls: &Tls, upstream: &Upstream) -> Proxy {
+    let mut config = support::config(upstream.addr);
+    config.server.tls = Some(tls.config.clone());
+    Proxy::start(config).await
+}
+
+#[tokio::test]
+async fn http2_is_negotiated_over_tls() {
+    let tls = certificate();
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "over tls")).await;
+    let proxy = tls_proxy(&tls, &upstream).await;
+    let c = https_client(&tls, false);
+
+    for host in ["localhost", "127.0.0.1"] {
+        let url = format!("https://{host}:{}/v1/models", proxy.addr.port());
+        let resp = c.get(&url).send().await.unwrap_or_else(|e| panic!("{url}: {e:?}"));
+        assert_eq!(resp.version(), Version::HTTP_2, "{url}");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_text(resp).await, "over tls");
+    }
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.uri.path(), "/v1/models");
+}
+
+#[tokio::test]
+async fn http1_works_over_tls() {
+    let tls = certificate();
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "over tls")).await;
+    let proxy = tls_proxy(&tls, &upstream).await;
+    let c = https_client(&tls, true);
+    let url = format!("https://localhost:{}/v1/models", proxy.addr.port());
+    let resp = c.get(&url).send().await.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_11);
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_text(resp).await, "over tls");
+    assert_eq!(upstream.last().headers["x-forwarded-proto"], "https");
+}
+
+#[tokio::test]
+async fn event_stream_over_http2_and_tls() {
+    let tls = certificate();
+    let upstream = Upstream::start(|_| {
+        Reply::chunks("text/event-stream", &[b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"])
+    })
+    .await;
+    let proxy = tls_proxy(&tls, &upstream).await;
+    let c = https_client(&tls, false);
+    let url = format!("https://localhost:{}/v1/chat", proxy.addr.port());
+    let resp = c.post(&url).header("accept", "text/event-stream").body("{}").send().await.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let data: Vec<String> = parse_sse(&body_text(resp).await).into_iter().map(|e| e.data).collect();
+    assert_eq!(data, ["one", "two", "[DONE]"]);
+}
+
+#[tokio::test]
+async fn plain_http_client_on_a_tls_listener_is_not_served() {
+    let tls = certificate();
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let proxy = tls_proxy(&tls, &upstream).await;
+    let result = support::client().get(proxy.url("/v1/models")).send().await;
+    assert!(result.is_err() || !result.unwrap().status().is_success());
+    assert_eq!(upstream.count(), 0);
+}
