@@ -79,7 +79,7 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> R
     let json = serde_json::json!({
         "token": token,
         "stream_url": stream_url,
-        "expires_in": cfg.handoff.ttl.as_secs(),
+        "expires_in": cfg.handoff.ttl.as_millis().div_ceil(1000) as u64,
     });
     let mut resp = Response::new(full(json.to_string()));
     *resp.status_mut() = StatusCode::CREATED;
@@ -97,10 +97,13 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> R
 pub async fn attach(app: &Arc<App>, req: Request<Incoming>, token: &str) -> Result<Response<ResponseBody>, Error> {
     let last_event_id =
         req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-    let slot = app.stream_slot().ok_or(Error::Overloaded("too many streams (limits.max_streams)"))?;
-    let (log, cursor) = match app.store.redeem(token).await.map_err(store_error)? {
+    // Only a first GET starts a stream; a resume reuses the one it counts as.
+    let slot = app.stream_slot();
+    let (log, cursor) = match app.store.redeem(token, slot.is_some()).await.map_err(store_error)? {
         Redeem::Unknown => return Err(Error::UnknownToken),
+        Redeem::NoRoom => return Err(Error::Overloaded("too many streams (limits.max_streams)")),
         Redeem::First(stored, log) => {
+            let Some(slot) = slot else { return Err(Error::Internal("stream started without a slot".into())) };
             app.metrics.tokens_redeemed.inc();
             log.hold(slot);
             tokio::spawn(produce(app.clone(), stored, log.clone()));

@@ -74,6 +74,10 @@ impl SseDecoder {
             };
             let end = self.next_index + offset;
             self.next_index = 0;
+            if end > self.max {
+                self.reset();
+                return Err(TooLarge(self.max));
+            }
             let line = buf.split_to(end).freeze();
             if buf[0] == b'\r' {
                 self.after_cr = true;

@@ -99,11 +99,17 @@ impl Store for MemoryStore {
         Box::pin(async move { result })
     }
 
-    fn redeem<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Redeem, StoreError>> {
+    fn redeem<'a>(&'a self, token: &'a str, may_start: bool) -> BoxFuture<'a, Result<Redeem, StoreError>> {
         let result = {
             let mut inner = self.lock();
             if let Some(log) = inner.streams.get(token) {
                 Redeem::Existing(log.clone())
+            } else if !may_start {
+                if inner.tokens.contains_key(token) {
+                    Redeem::NoRoom
+                } else {
+                    Redeem::Unknown
+                }
             } else {
                 match inner.tokens.remove(token) {
                     Some((expires, req)) if expires > Instant::now() => {
@@ -170,11 +176,11 @@ mod tests {
         store.issue("a".into(), req()).await.unwrap();
         store.issue("b".into(), req()).await.unwrap();
         assert!(matches!(store.issue("c".into(), req()).await, Err(StoreError::TokensFull)));
-        assert!(matches!(store.redeem("a").await.unwrap(), Redeem::First(..)));
-        assert!(matches!(store.redeem("a").await.unwrap(), Redeem::Existing(..)));
+        assert!(matches!(store.redeem("a", true).await.unwrap(), Redeem::First(..)));
+        assert!(matches!(store.redeem("a", true).await.unwrap(), Redeem::Existing(..)));
         store.purge(Instant::now() + Duration::from_secs(31));
-        assert!(matches!(store.redeem("b").await.unwrap(), Redeem::Unknown));
+        assert!(matches!(store.redeem("b", true).await.unwrap(), Redeem::Unknown));
         assert_eq!(metrics.tokens_expired.get(), 1);
-        assert!(matches!(store.redeem("nope").await.unwrap(), Redeem::Unknown));
+        assert!(matches!(store.redeem("nope", true).await.unwrap(), Redeem::Unknown));
     }
 }

@@ -40,6 +40,9 @@ pub enum Redeem {
     Existing(Arc<StreamLog>),
     /// Unknown, expired or forgotten.
     Unknown,
+    /// An unused token, left unused because the caller may not start a
+    /// stream now (`limits.max_streams`).
+    NoRoom,
 }
 
 /// Why the store refused.
@@ -58,8 +61,9 @@ pub trait Store: Send + Sync {
     /// Stores a request under a new token for `handoff.ttl`.
     fn issue(&self, token: String, req: StoredRequest) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Claims a token for its first GET (atomically: one caller ever gets
-    /// `First`), or finds its stream.
-    fn redeem<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Redeem, StoreError>>;
+    /// `First`), or finds its stream. With `may_start` false an unused token
+    /// is left alone and `NoRoom` returned.
+    fn redeem<'a>(&'a self, token: &'a str, may_start: bool) -> BoxFuture<'a, Result<Redeem, StoreError>>;
     /// The user's Stop: cancels a running stream, or drops an unused token.
     /// False when the token is unknown.
     fn stop<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
