@@ -25,6 +25,10 @@ pub struct Config {
     /// Without it the proxy does not authenticate clients.
     pub auth: Option<AuthConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Set by `ssegate demo`, never from a file: serves the chat page at `/`
+    /// and the demo's "drop connection" endpoint.
+    #[serde(skip)]
+    pub demo: bool,
 }
 
 /// `[server]`: where to listen and how to stop.

@@ -20,6 +20,34 @@ use tokio::net::TcpListener;
 
 use crate::body::{ChannelBody, ResponseBody};
 
+/// The chat page served at `/` by `ssegate demo`: one static file, no
+/// external assets, so it works offline.
+pub const PAGE: &str = include_str!("demo.html");
+
+/// The demo's own endpoints on the public listener: the page at `/` and
+/// `POST /demo/drop/{token}`, which ends the stream's connection so that the
+/// browser's EventSource reconnects and resumes with Last-Event-ID.
+pub async fn page(app: &crate::App, method: &http::Method, path: &str) -> Option<Response<ResponseBody>> {
+    if path == "/" && method == http::Method::GET {
+        let mut resp = Response::new(crate::body::full(PAGE));
+        resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+        resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+        return Some(resp);
+    }
+    let token = path.strip_prefix("/demo/drop/")?;
+    if method != http::Method::POST {
+        return None;
+    }
+    let status = match app.store.drop_clients(token).await {
+        Ok(true) => http::StatusCode::NO_CONTENT,
+        Ok(false) => http::StatusCode::NOT_FOUND,
+        Err(_) => http::StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut resp = Response::new(crate::body::empty());
+    *resp.status_mut() = status;
+    Some(resp)
+}
+
 /// Pace of the fake model.
 #[derive(Debug, Clone, Copy)]
 pub struct Pace {

@@ -86,7 +86,7 @@ fn fail(message: &str) -> ExitCode {
 }
 
 fn demo_config(listen: Option<std::net::SocketAddr>) -> Config {
-    let mut config = Config::default();
+    let mut config = Config { demo: true, ..Config::default() };
     if let Some(listen) = listen {
         config.server.listen = listen;
     }

@@ -138,6 +138,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> Re
     if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
         return Error::NotFound.into_response();
     }
+    if app.config.demo {
+        if let Some(resp) = crate::demo::page(&app, req.method(), req.uri().path()).await {
+            return resp;
+        }
+    }
     if let Some(resp) = handoff_endpoint(&app, req.uri().path(), req.method()) {
         return match resp {
             Endpoint::Create => finish(&app, req.headers().clone(), crate::handoff::create(&app, req, conn).await),

@@ -156,6 +156,12 @@ impl StreamLog {
         (generation, self.owner.subscribe())
     }
 
+    /// Ends the attached client's connection without taking the stream
+    /// over, so that its EventSource reconnects (the demo's "drop").
+    pub fn kick(&self) {
+        self.owner.send_modify(|g| *g += 1);
+    }
+
     /// Detaches a client; true when no client is attached any more.
     pub fn detach(&self) -> bool {
         let mut inner = self.lock();

@@ -140,6 +140,14 @@ impl Store for MemoryStore {
         Box::pin(async move { Ok(found) })
     }
 
+    fn drop_clients<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let log = self.lock().streams.get(token).cloned();
+        if let Some(log) = &log {
+            log.kick();
+        }
+        Box::pin(async move { Ok(log.is_some()) })
+    }
+
     fn forget<'a>(&'a self, token: &'a str, log: &'a Arc<StreamLog>) -> BoxFuture<'a, ()> {
         {
             let mut inner = self.lock();

@@ -67,6 +67,9 @@ pub trait Store: Send + Sync {
     /// The user's Stop: cancels a running stream, or drops an unused token.
     /// False when the token is unknown.
     fn stop<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Ends the connections of a stream's clients, so that they reconnect
+    /// (the demo's "drop connection"). False when there is no such stream.
+    fn drop_clients<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// Forgets a stream whose grace has run out.
     fn forget<'a>(&'a self, token: &'a str, log: &'a Arc<StreamLog>) -> BoxFuture<'a, ()>;
     /// Whether the store answers (for `/readyz`).
