@@ -10,14 +10,14 @@ use crate::body::{full, ResponseBody};
 use crate::App;
 
 /// Answers one admin request.
-pub fn handle<B>(app: &App, req: Request<B>) -> Response<ResponseBody> {
+pub async fn handle<B>(app: &App, req: Request<B>) -> Response<ResponseBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if app.ready.load(Ordering::Acquire) {
+            if app.ready.load(Ordering::Acquire) && app.store.ready().await {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

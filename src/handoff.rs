@@ -128,6 +128,7 @@ pub async fn attach(app: &Arc<App>, req: Request<Incoming>, token: &str) -> Resu
     // The channel is new and has room: the head and prelude go out at once.
     let _ = tx.try_send(prelude.freeze());
     let (generation, owner) = log.attach();
+    app.store.client_attached(token).await;
     tokio::spawn(follow(app.clone(), token.to_string(), log, cursor, tx, generation, owner));
     let (mut head, ()) = Response::new(()).into_parts();
     event_stream_head(&mut head);
@@ -209,6 +210,7 @@ async fn follow(
         }
     }
     drop(tx);
+    app.store.client_detached(&token).await;
     if log.detach() {
         tokio::spawn(grace(app, token, log));
     }
@@ -217,12 +219,23 @@ async fn follow(
 /// After the last client left: wait `resume_grace`; if nobody came back,
 /// cancel the upstream request (if it still runs) and forget the stream.
 async fn grace(app: Arc<App>, token: String, log: Arc<StreamLog>) {
-    let generation = log.generation();
-    tokio::time::sleep(app.config.handoff.resume_grace).await;
-    if log.is_attached() || log.generation() != generation {
-        return;
+    let grace = app.config.handoff.resume_grace;
+    let mut wait = grace;
+    loop {
+        let generation = log.generation();
+        tokio::time::sleep(wait).await;
+        if log.is_attached() || log.generation() != generation {
+            return; // a client came back here; its own detach starts a new grace
+        }
+        // With a shared store, a client on another instance keeps it alive.
+        if !app.store.clients_elsewhere(&token).await {
+            break;
+        }
+        wait = grace.max(Duration::from_millis(250));
     }
-    if !log.ended() && !log.cancel.is_cancelled() {
+    if log.mirror {
+        log.cancel.cancel(); // stops this instance's copy only
+    } else if !log.ended() && !log.cancel.is_cancelled() {
         app.metrics.streams_cancelled.get_or_create(&ReasonLabel { reason: "grace" }).inc();
         log.cancel.cancel();
     }

@@ -138,16 +138,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         None => None,
     };
     let metrics = Arc::new(Metrics::new());
-    if config.handoff.store != "memory" {
-        return Err(StartError::Store(format!("{}: only \"memory\" is implemented so far", config.handoff.store)));
-    }
-    let memory = Arc::new(MemoryStore::new(
-        config.handoff.ttl,
-        config.limits.max_tokens,
-        config.handoff.replay_bytes as usize,
-        metrics.clone(),
-    ));
-    memory.spawn_purge();
+    let store = open_store(&config, &metrics).await?;
     let routes = Routes::new(&config.routes).map_err(StartError::Routes)?;
     for route in routes.iter() {
         metrics.init_route(&route.label);
@@ -156,7 +147,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         routes,
         upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),
         metrics,
-        store: memory,
+        store,
         streams: Arc::new(AtomicUsize::new(0)),
         drain: CancellationToken::new(),
         ready: AtomicBool::new(false),
@@ -186,6 +177,30 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The handoff store `handoff.store` names.
+async fn open_store(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<dyn Store>, StartError> {
+    let h = &config.handoff;
+    if h.store == "memory" {
+        let memory =
+            Arc::new(MemoryStore::new(h.ttl, config.limits.max_tokens, h.replay_bytes as usize, metrics.clone()));
+        memory.spawn_purge();
+        return Ok(memory);
+    }
+    let opts = store::redis::RedisOptions {
+        ttl: h.ttl,
+        max_tokens: config.limits.max_tokens,
+        replay_bytes: h.replay_bytes as usize,
+        resume_grace: h.resume_grace,
+        error_event: config.sse.error_event.clone(),
+    };
+    // A Redis that is down at start is not fatal: the proxy starts, /readyz
+    // says 503, and requests work once Redis answers.
+    let redis = store::redis::RedisStore::connect(&h.store, opts, metrics.clone())
+        .await
+        .map_err(|e| StartError::Store(format!("{}: {e}", h.store)))?;
+    Ok(redis)
 }
 
 fn addr(l: &TcpListener) -> String {

@@ -106,7 +106,7 @@ impl Conn {
             async move {
                 Ok::<_, Infallible>(match side {
                     Side::Public => router::handle(app, req, info).await,
-                    Side::Admin => admin::handle(&app, req),
+                    Side::Admin => admin::handle(&app, req).await,
                 })
             }
         });

@@ -22,8 +22,15 @@ pub struct StreamLog {
     pub stopped_by_user: std::sync::atomic::AtomicBool,
     /// The `max_streams` slot this stream holds until it is forgotten.
     slot: std::sync::OnceLock<crate::StreamSlot>,
+    /// Where appended events are also published for other instances.
+    sink: Option<tokio::sync::mpsc::UnboundedSender<Published>>,
+    /// A copy of a stream produced by another instance (the shared store).
+    pub mirror: bool,
     limit: usize,
 }
+
+/// An event handed to the shared store: id, encoded frame, whether last.
+pub type Published = (u64, Bytes, bool);
 
 struct Inner {
     events: VecDeque<(u64, Bytes)>,
@@ -51,6 +58,20 @@ pub enum Read {
 impl StreamLog {
     /// An empty log holding at most `limit` bytes of events.
     pub fn new(limit: usize) -> StreamLog {
+        StreamLog::build(limit, None, false)
+    }
+
+    /// A log whose appended events also go to `sink`, in order.
+    pub fn publishing(limit: usize, sink: tokio::sync::mpsc::UnboundedSender<Published>) -> StreamLog {
+        StreamLog::build(limit, Some(sink), false)
+    }
+
+    /// A local copy of a stream another instance produces.
+    pub fn mirrored(limit: usize) -> StreamLog {
+        StreamLog::build(limit, None, true)
+    }
+
+    fn build(limit: usize, sink: Option<tokio::sync::mpsc::UnboundedSender<Published>>, mirror: bool) -> StreamLog {
         StreamLog {
             inner: Mutex::new(Inner { events: VecDeque::new(), bytes: 0, last_id: 0, final_id: None, attached: 0 }),
             changed: watch::channel(0).0,
@@ -58,6 +79,8 @@ impl StreamLog {
             cancel: CancellationToken::new(),
             stopped_by_user: std::sync::atomic::AtomicBool::new(false),
             slot: std::sync::OnceLock::new(),
+            sink,
+            mirror,
             limit,
         }
     }
@@ -76,6 +99,10 @@ impl StreamLog {
                 return;
             }
             inner.bytes += frame.len();
+            if let Some(sink) = &self.sink {
+                // Sent under the lock so the store sees events in id order.
+                let _ = sink.send((id, frame.clone(), last));
+            }
             inner.events.push_back((id, frame));
             inner.last_id = id;
             if last {

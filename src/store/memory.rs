@@ -158,6 +158,18 @@ impl Store for MemoryStore {
         Box::pin(async {})
     }
 
+    fn client_attached<'a>(&'a self, _token: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    fn client_detached<'a>(&'a self, _token: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    fn clients_elsewhere<'a>(&'a self, _token: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async { false })
+    }
+
     fn ready(&self) -> BoxFuture<'_, bool> {
         Box::pin(async { true })
     }

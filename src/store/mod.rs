@@ -4,6 +4,7 @@
 
 pub mod log;
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -72,6 +73,13 @@ pub trait Store: Send + Sync {
     fn drop_clients<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// Forgets a stream whose grace has run out.
     fn forget<'a>(&'a self, token: &'a str, log: &'a Arc<StreamLog>) -> BoxFuture<'a, ()>;
+    /// A client attached to the stream on this instance.
+    fn client_attached<'a>(&'a self, token: &'a str) -> BoxFuture<'a, ()>;
+    /// A client of this instance left the stream.
+    fn client_detached<'a>(&'a self, token: &'a str) -> BoxFuture<'a, ()>;
+    /// Whether a client is attached on another instance (so the grace
+    /// period has not begun).
+    fn clients_elsewhere<'a>(&'a self, token: &'a str) -> BoxFuture<'a, bool>;
     /// Whether the store answers (for `/readyz`).
     fn ready(&self) -> BoxFuture<'_, bool>;
 }
