@@ -167,6 +167,9 @@ async fn follow(
     let mut changed = log.subscribe();
     let keepalive = app.config.sse.keepalive;
     let mut last_write = Instant::now();
+    // Re-armed lazily from `last_write` when it fires (see `produce`).
+    let keepalive_timer = tokio::time::sleep(keepalive);
+    tokio::pin!(keepalive_timer);
     let replay_until = log.last_id();
     loop {
         if *owner.borrow() != generation {
@@ -198,7 +201,12 @@ async fn follow(
                 tokio::select! {
                     r = changed.changed() => if r.is_err() { break },
                     r = owner.changed() => if r.is_err() { break },
-                    _ = tokio::time::sleep_until(last_write + keepalive) => {
+                    _ = &mut keepalive_timer => {
+                        if last_write.elapsed() < keepalive {
+                            keepalive_timer.as_mut().reset(last_write + keepalive);
+                            continue;
+                        }
+                        keepalive_timer.as_mut().reset(Instant::now() + keepalive);
                         if tx.send(KEEPALIVE).await.is_err() {
                             break;
                         }
@@ -283,10 +291,19 @@ async fn produce(app: Arc<App>, stored: StoredRequest, log: Arc<StreamLog>) {
     }
     let mut source = Decoded::new(body, &head.headers);
     let idle = app.config.limits.idle_timeout;
+    // One timer for the stream, re-armed lazily from the last chunk's time
+    // when it fires, so a chunk costs no timer re-registration.
+    let mut last_chunk = Instant::now();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
     loop {
         let chunk = tokio::select! {
             c = std::future::poll_fn(|cx| source.poll_chunk(cx)) => c,
-            _ = tokio::time::sleep(idle) => {
+            _ = &mut idle_timer => {
+                if last_chunk.elapsed() < idle {
+                    idle_timer.as_mut().reset(last_chunk + idle);
+                    continue;
+                }
                 stats.outcome = "upstream_timeout";
                 stats.upstream_error("upstream_timeout");
                 return producer.error("upstream_timeout", &format!("upstream sent nothing for {idle:?}"));
@@ -299,6 +316,7 @@ async fn produce(app: Arc<App>, stored: StoredRequest, log: Arc<StreamLog>) {
         };
         let kind = match chunk {
             Some(Ok(chunk)) => {
+                last_chunk = Instant::now();
                 producer.reframer.feed(&chunk);
                 match producer.drain(&mut stats) {
                     Ok(()) => continue,
