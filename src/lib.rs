@@ -67,8 +67,10 @@ pub struct App {
     /// Fires when `drain_timeout` has run out: open streams end with a
     /// `shutdown` error event.
     pub drain: CancellationToken,
-    /// Whether the proxy accepts requests and its store answers.
-    pub ready: AtomicBool,
+    /// Whether the proxy accepts requests (false while draining).
+    pub ready: Arc<AtomicBool>,
+    /// The TLS acceptor for new connections, when `server.tls` is set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Handoff tokens and streams.
     pub store: Arc<dyn Store>,
     /// Event streams open now, against `limits.max_streams`.
@@ -76,6 +78,39 @@ pub struct App {
 }
 
 impl App {
+    /// The next generation of the app for a reloaded config: new routes,
+    /// limits, headers, CORS, auth and certificates; the same store,
+    /// metrics, stream count and drain. Listener addresses and the store
+    /// cannot change on reload: a warning says so and the old ones stay.
+    pub fn reload(&self, mut config: Config) -> Result<App, StartError> {
+        let old = &self.config;
+        if config.server.listen != old.server.listen || config.server.admin_listen != old.server.admin_listen {
+            tracing::warn!("reload: listener addresses cannot change on reload; restart to move them");
+            config.server.listen = old.server.listen;
+            config.server.admin_listen = old.server.admin_listen;
+        }
+        if config.handoff.store != old.handoff.store {
+            tracing::warn!("reload: handoff.store cannot change on reload; restart to change it");
+            config.handoff.store = old.handoff.store.clone();
+        }
+        config.demo = old.demo;
+        let routes = Routes::new(&config.routes).map_err(StartError::Routes)?;
+        for route in routes.iter() {
+            self.metrics.init_route(&route.label);
+        }
+        Ok(App {
+            tls: tls_acceptor(&config)?,
+            routes,
+            upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),
+            metrics: self.metrics.clone(),
+            store: self.store.clone(),
+            streams: self.streams.clone(),
+            drain: self.drain.clone(),
+            ready: self.ready.clone(),
+            config,
+        })
+    }
+
     /// A `max_streams` slot, or None when all are taken.
     pub fn stream_slot(&self) -> Option<StreamSlot> {
         let max = self.config.limits.max_streams;
@@ -133,10 +168,28 @@ pub enum StartError {
 /// open requests get `drain_timeout`, remaining streams end with a
 /// `shutdown` error event.
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let tls = match &config.server.tls {
+    let (_keep, reloads) = tokio::sync::mpsc::channel(1);
+    run_with_reload(config, listeners, shutdown, reloads).await
+}
+
+fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, StartError> {
+    Ok(match &config.server.tls {
         Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(t)?)),
         None => None,
-    };
+    })
+}
+
+/// Like [`run`], and each config received on `reloads` (SIGHUP in `main`)
+/// becomes the config of new requests and connections; open streams finish
+/// under the config they started with. A config that cannot be used is
+/// refused with one error line and the old one stays in force.
+pub async fn run_with_reload(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
+) -> Result<(), StartError> {
+    let tls = tls_acceptor(&config)?;
     let metrics = Arc::new(Metrics::new());
     let store = open_store(&config, &metrics).await?;
     let routes = Routes::new(&config.routes).map_err(StartError::Routes)?;
@@ -144,28 +197,48 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         metrics.init_route(&route.label);
     }
     let app = Arc::new(App {
+        tls,
         routes,
         upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),
         metrics,
         store,
         streams: Arc::new(AtomicUsize::new(0)),
         drain: CancellationToken::new(),
-        ready: AtomicBool::new(false),
+        ready: Arc::new(AtomicBool::new(false)),
         config,
     });
     let stop = CancellationToken::new();
     let graceful = GracefulShutdown::new();
-    tracing::info!(listen = %addr(&listeners.public), admin = %addr(&listeners.admin), tls = tls.is_some(), "ssegate listening");
+    tracing::info!(listen = %addr(&listeners.public), admin = %addr(&listeners.admin), tls = app.tls.is_some(), "ssegate listening");
     app.ready.store(true, Ordering::Release);
-    let public = server::accept_loop(listeners.public, Side::Public, tls, app.clone(), stop.clone(), &graceful);
-    let admin = server::accept_loop(listeners.admin, Side::Admin, None, app.clone(), stop.clone(), &graceful);
+    let (current_tx, current) = tokio::sync::watch::channel(app.clone());
+    let public = server::accept_loop(listeners.public, Side::Public, current.clone(), stop.clone(), &graceful);
+    let admin = server::accept_loop(listeners.admin, Side::Admin, current, stop.clone(), &graceful);
+    let reloader = async {
+        loop {
+            tokio::select! {
+                next = reloads.recv() => {
+                    let Some(next) = next else { return };
+                    let reloaded = current_tx.borrow().reload(next);
+                    match reloaded {
+                        Ok(new) => {
+                            current_tx.send_replace(Arc::new(new));
+                            tracing::info!("config reloaded: new requests use it, open streams finish under the old one");
+                        }
+                        Err(e) => tracing::error!("reload refused, the old config stays in force: {e}"),
+                    }
+                }
+                _ = stop.cancelled() => return,
+            }
+        }
+    };
     let signalled = async {
         shutdown.await;
         tracing::info!(drain_timeout = ?app.config.server.drain_timeout, "shutting down: draining open requests");
         app.ready.store(false, Ordering::Release);
         stop.cancel();
     };
-    tokio::join!(public, admin, signalled);
+    tokio::join!(public, admin, signalled, reloader);
     let drained = graceful.shutdown();
     tokio::pin!(drained);
     if tokio::time::timeout(app.config.server.drain_timeout, &mut drained).await.is_err() {

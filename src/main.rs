@@ -44,13 +44,13 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Some(Command::Check) => check(&cli.config),
-        Some(Command::Demo) => serve(demo_config(cli.listen), true),
+        Some(Command::Demo) => serve(demo_config(cli.listen), None),
         None => match Config::load(&cli.config) {
             Ok(mut config) => {
                 if let Some(listen) = cli.listen {
                     config.server.listen = listen;
                 }
-                serve(config, false)
+                serve(config, Some((cli.config.clone(), cli.listen)))
             }
             Err(e) => fail(&e.to_string()),
         },
@@ -101,7 +101,10 @@ fn demo_config(listen: Option<std::net::SocketAddr>) -> Config {
     config
 }
 
-fn serve(mut config: Config, with_demo: bool) -> ExitCode {
+/// Runs the proxy; `reload_from` is the config file SIGHUP re-reads (and
+/// the `--listen` override), or None for the demo.
+fn serve(mut config: Config, reload_from: Option<(PathBuf, Option<std::net::SocketAddr>)>) -> ExitCode {
+    let with_demo = reload_from.is_none();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
@@ -133,11 +136,46 @@ fn serve(mut config: Config, with_demo: bool) -> ExitCode {
                  -d '{{\"model\":\"demo\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'"
             );
         }
-        match ssegate::run(config, listeners, shutdown_signal()).await {
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+        if let Some((path, listen)) = reload_from {
+            tokio::spawn(reload_on_sighup(path, listen, reload_tx));
+        }
+        match ssegate::run_with_reload(config, listeners, shutdown_signal(), reloads).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e.to_string()),
         }
     })
+}
+
+/// Re-reads the config file on each SIGHUP; a config that fails `check`
+/// is refused with one error line and the old one stays in force.
+async fn reload_on_sighup(
+    path: PathBuf,
+    listen: Option<std::net::SocketAddr>,
+    reloads: tokio::sync::mpsc::Sender<Config>,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            match Config::load(&path) {
+                Ok(mut config) => {
+                    if let Some(listen) = listen {
+                        config.server.listen = listen;
+                    }
+                    if reloads.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::error!("reload refused, the old config stays in force: {e}"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, listen, reloads);
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -11,7 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -33,13 +33,12 @@ pub enum Side {
 pub async fn accept_loop(
     listener: TcpListener,
     side: Side,
-    tls: Option<TlsAcceptor>,
-    app: Arc<App>,
+    current: watch::Receiver<Arc<App>>,
     stop: CancellationToken,
     graceful: &GracefulShutdown,
 ) {
-    let builder = Arc::new(builder(&app));
-    let permits = Arc::new(Semaphore::new(app.config.limits.max_connections));
+    // The connection bound is fixed at start; a reload changes the rest.
+    let permits = Arc::new(Semaphore::new(current.borrow().config.limits.max_connections));
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -58,7 +57,9 @@ pub async fn accept_loop(
             _ = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = Conn { peer, side, tls: tls.clone(), app: app.clone(), builder: builder.clone() };
+        let app = current.borrow().clone();
+        let tls = if side == Side::Public { app.tls.clone() } else { None };
+        let conn = Conn { peer, side, tls, builder: Arc::new(builder(&app)), app, current: current.clone() };
         let watcher = graceful.watcher();
         let span = tracing::debug_span!("conn", client = %peer);
         tokio::spawn(
@@ -91,7 +92,10 @@ struct Conn {
     peer: SocketAddr,
     side: Side,
     tls: Option<TlsAcceptor>,
+    /// The app generation the connection started under (its timeouts).
     app: Arc<App>,
+    /// The newest generation: each request uses the one current when it arrives.
+    current: watch::Receiver<Arc<App>>,
     builder: Arc<auto::Builder<TokioExecutor>>,
 }
 
@@ -99,10 +103,10 @@ impl Conn {
     async fn serve(&self, stream: TcpStream, watcher: Watcher) {
         let header_timeout = self.app.config.limits.header_timeout;
         let info = ConnInfo { peer: self.peer, tls: self.tls.is_some() };
-        let app = self.app.clone();
+        let current = self.current.clone();
         let side = self.side;
         let svc = service_fn(move |req| {
-            let app = app.clone();
+            let app = current.borrow().clone();
             async move {
                 Ok::<_, Infallible>(match side {
                     Side::Public => router::handle(app, req, info).await,
