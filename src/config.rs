@@ -380,6 +380,9 @@ impl Config {
             }
         }
         if let Some(auth) = &self.auth {
+            if auth.jwks_file.is_some() && auth.jwt_hs256_secret.is_none() {
+                crate::auth::Authenticator::new(auth)?;
+            }
             match (&auth.jwt_hs256_secret, &auth.jwks_file) {
                 (None, None) => return fail("auth", "needs jwt_hs256_secret or jwks_file"),
                 (Some(_), Some(_)) => return fail("auth", "set jwt_hs256_secret or jwks_file, not both"),

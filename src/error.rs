@@ -12,6 +12,12 @@ pub enum Error {
     /// Downstream: no route, unknown token, admin path on the public port.
     #[error("no route for this path")]
     NotFound,
+    /// Downstream: no valid bearer token while `[auth]` is on.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Downstream: the client has `limits.streams_per_client` streams open.
+    #[error("too many open streams for this client (limits.streams_per_client)")]
+    TooManyForClient,
     /// Downstream: a method the endpoint does not take.
     #[error("method not allowed here")]
     MethodNotAllowed,
@@ -49,6 +55,8 @@ impl Error {
             Error::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::TooManyForClient => StatusCode::TOO_MANY_REQUESTS,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
@@ -64,6 +72,8 @@ impl Error {
             Error::StoreUnavailable(_) => "store_unavailable",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::BadRequest(_) => "bad_request",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::TooManyForClient => "rate_limited",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::Overloaded(_) => "overloaded",
             Error::UpstreamUnavailable(_) => "upstream_unavailable",
@@ -79,8 +89,11 @@ impl Error {
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if matches!(self, Error::Overloaded(_) | Error::StoreUnavailable(_)) {
+        if matches!(self, Error::Overloaded(_) | Error::StoreUnavailable(_) | Error::TooManyForClient) {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, Error::Unauthorized(_)) {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }

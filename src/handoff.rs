@@ -49,6 +49,10 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> R
     let cfg = &app.config;
     let path = req.uri().path()[cfg.handoff.prefix.len()..].to_string();
     let route = app.routes.find(&path).cloned().ok_or(Error::NotFound)?;
+    let client = app.authenticate(req.headers(), conn.peer)?;
+    if !app.client_has_room(&client) {
+        return Err(Error::TooManyForClient);
+    }
     let max_body = cfg.limits.max_body;
     if proxy::content_length(req.headers()).is_some_and(|len| len > max_body) {
         return Err(Error::PayloadTooLarge(max_body));
@@ -69,8 +73,9 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> R
         route: route.prefix.clone(),
         method: parts.method.clone(),
         path_and_query,
-        headers: proxy::forwarded_headers(&parts, conn, true),
+        headers: proxy::forwarded_headers(&parts, conn, true, app.auth.is_some()),
         body: body.to_bytes(),
+        client,
     };
     let token = new_token()?;
     app.store.issue(token.clone(), stored).await.map_err(store_error)?;
@@ -105,8 +110,10 @@ pub async fn attach(app: &Arc<App>, req: Request<Incoming>, token: &str) -> Resu
         Redeem::First(stored, log) => {
             let Some(slot) = slot else { return Err(Error::Internal("stream started without a slot".into())) };
             app.metrics.tokens_redeemed.inc();
-            log.hold(slot);
-            tokio::spawn(produce(app.clone(), stored, log.clone()));
+            // Counted from here: the POST checked there was room.
+            let client = app.client_slot(&stored.client).unwrap_or(None);
+            log.hold(slot, client);
+            tokio::spawn(produce(app.clone(), *stored, log.clone()));
             (log, 0)
         }
         Redeem::Existing(log) => {

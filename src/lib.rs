@@ -19,6 +19,7 @@
 //! - `demo`: the built-in fake model upstream for `ssegate demo`
 
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod config;
 pub mod cors;
@@ -75,6 +76,10 @@ pub struct App {
     pub store: Arc<dyn Store>,
     /// Event streams open now, against `limits.max_streams`.
     streams: Arc<AtomicUsize>,
+    /// Verifies client JWTs when `[auth]` is set.
+    pub auth: Option<Arc<auth::Authenticator>>,
+    /// Open streams per client, against `limits.streams_per_client`.
+    clients: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl App {
@@ -99,6 +104,8 @@ impl App {
             self.metrics.init_route(&route.label);
         }
         Ok(App {
+            auth: authenticator(&config)?,
+            clients: self.clients.clone(),
             tls: tls_acceptor(&config)?,
             routes,
             upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),
@@ -111,6 +118,38 @@ impl App {
         })
     }
 
+    /// Authenticates a request when `[auth]` is on; returns the client's
+    /// identity for `streams_per_client`: the JWT `sub`, else its address.
+    pub fn authenticate(&self, headers: &http::HeaderMap, peer: std::net::SocketAddr) -> Result<String, error::Error> {
+        match &self.auth {
+            Some(auth) => Ok(auth.verify(headers)?.sub.map_or_else(|| peer.ip().to_string(), |s| format!("sub:{s}"))),
+            None => Ok(peer.ip().to_string()),
+        }
+    }
+
+    /// Counts one more open stream for `client`, or refuses with 429 when it
+    /// has `limits.streams_per_client` open already (0 = no limit).
+    pub fn client_slot(&self, client: &str) -> Result<Option<ClientSlot>, error::Error> {
+        let max = self.config.limits.streams_per_client;
+        if max == 0 {
+            return Ok(None);
+        }
+        let mut counts = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(client.to_string()).or_insert(0);
+        if *n >= max {
+            return Err(error::Error::TooManyForClient);
+        }
+        *n += 1;
+        Ok(Some(ClientSlot { counts: self.clients.clone(), client: client.to_string() }))
+    }
+
+    /// Whether `client` may open another stream now (without counting it).
+    pub fn client_has_room(&self, client: &str) -> bool {
+        let max = self.config.limits.streams_per_client;
+        let counts = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        max == 0 || counts.get(client).copied().unwrap_or(0) < max
+    }
+
     /// A `max_streams` slot, or None when all are taken.
     pub fn stream_slot(&self) -> Option<StreamSlot> {
         let max = self.config.limits.max_streams;
@@ -118,6 +157,25 @@ impl App {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .ok()
             .map(|_| StreamSlot(self.streams.clone()))
+    }
+}
+
+/// One open stream of a client; the count drops when this does.
+#[derive(Debug)]
+pub struct ClientSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    client: String,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.client);
+            }
+        }
     }
 }
 
@@ -162,6 +220,8 @@ pub enum StartError {
     Routes(String),
     #[error("handoff.store: {0}")]
     Store(String),
+    #[error("{0}: {1}")]
+    Auth(String, String),
 }
 
 /// Serves until `shutdown` completes, then drains: new connections stop,
@@ -170,6 +230,13 @@ pub enum StartError {
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let (_keep, reloads) = tokio::sync::mpsc::channel(1);
     run_with_reload(config, listeners, shutdown, reloads).await
+}
+
+fn authenticator(config: &Config) -> Result<Option<Arc<auth::Authenticator>>, StartError> {
+    match &config.auth {
+        Some(a) => auth::Authenticator::new(a).map(|a| Some(Arc::new(a))).map_err(|(k, r)| StartError::Auth(k, r)),
+        None => Ok(None),
+    }
 }
 
 fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, StartError> {
@@ -197,6 +264,8 @@ pub async fn run_with_reload(
         metrics.init_route(&route.label);
     }
     let app = Arc::new(App {
+        auth: authenticator(&config)?,
+        clients: Default::default(),
         tls,
         routes,
         upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),

@@ -36,14 +36,17 @@ pub async fn forward(
     if content_length(req.headers()).is_some_and(|len| len > max_body) {
         return Err(Error::PayloadTooLarge(max_body));
     }
+    let client = app.authenticate(req.headers(), conn.peer)?;
     let wants_events = accepts_event_stream(req.headers()) || route.format != crate::config::Format::Auto;
     let mut slot = None;
+    let mut client_slot = None;
     if wants_events {
+        client_slot = app.client_slot(&client)?;
         slot = Some(app.stream_slot().ok_or(Error::Overloaded("too many streams (limits.max_streams)"))?);
     }
     let (parts, body) = req.into_parts();
     let body = LimitedBody::new(body, max_body).boxed_unsync();
-    let upstream_req = upstream_request(route, &parts, body, conn, wants_events)?;
+    let upstream_req = upstream_request(route, &parts, body, conn, wants_events, app.auth.is_some())?;
     let (resp, head_time) = match app.upstream.send(upstream_req, max_body).await {
         Ok(ok) => ok,
         Err(e) => {
@@ -62,7 +65,11 @@ pub async fn forward(
             Some(s) => s,
             None => app.stream_slot().ok_or(Error::Overloaded("too many streams (limits.max_streams)"))?,
         };
-        return Ok(crate::stream::direct_response(app, route, head, body, started, slot));
+        let client_slot = match client_slot {
+            Some(c) => Some(c),
+            None => app.client_slot(&client)?,
+        };
+        return Ok(crate::stream::direct_response(app, route, head, body, started, (slot, client_slot)));
     }
     let body = PassThrough::new(body, app.config.limits.idle_timeout, app.drain.clone()).boxed_unsync();
     Ok(Response::from_parts(head, body))
@@ -75,15 +82,27 @@ pub fn upstream_request(
     body: RequestBody,
     conn: ConnInfo,
     wants_events: bool,
+    authenticated: bool,
 ) -> Result<Request<RequestBody>, Error> {
-    let headers = forwarded_headers(parts, conn, wants_events);
+    let headers = forwarded_headers(parts, conn, wants_events, authenticated);
     build_request(route, parts.method.clone(), parts.uri.path(), parts.uri.query(), headers, body)
 }
 
 /// The client's end-to-end headers plus `X-Forwarded-*`, as they go
 /// upstream before the route's headers are set (a handoff stores these).
-pub fn forwarded_headers(parts: &http::request::Parts, conn: ConnInfo, wants_events: bool) -> HeaderMap {
+///
+/// With `[auth]` on, the client's `Authorization` (its JWT) is dropped: the
+/// route's headers supply the upstream's credentials.
+pub fn forwarded_headers(
+    parts: &http::request::Parts,
+    conn: ConnInfo,
+    wants_events: bool,
+    authenticated: bool,
+) -> HeaderMap {
     let mut headers = parts.headers.clone();
+    if authenticated {
+        headers.remove(header::AUTHORIZATION);
+    }
     let client_host = headers
         .get(header::HOST)
         .cloned()

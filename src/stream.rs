@@ -49,7 +49,7 @@ pub fn direct_response(
     mut head: response::Parts,
     body: Incoming,
     started: std::time::Instant,
-    slot: crate::StreamSlot,
+    slot: (crate::StreamSlot, Option<crate::ClientSlot>),
 ) -> Response<ResponseBody> {
     let wire = Wire::choose(route.format, &head.headers);
     // The upstream's own last event ends an SSE upstream's stream.
@@ -102,7 +102,7 @@ pub struct EventStream {
     deadline: Pin<Box<WaitForCancellationFutureOwned>>,
     names: Names,
     stats: StreamStats,
-    _slot: crate::StreamSlot,
+    _slot: (crate::StreamSlot, Option<crate::ClientSlot>),
 }
 
 impl EventStream {

@@ -21,7 +21,7 @@ pub struct StreamLog {
     /// Why `cancel` fired: "delete" makes the producer end with `cancelled`.
     pub stopped_by_user: std::sync::atomic::AtomicBool,
     /// The `max_streams` slot this stream holds until it is forgotten.
-    slot: std::sync::OnceLock<crate::StreamSlot>,
+    slot: std::sync::OnceLock<(crate::StreamSlot, Option<crate::ClientSlot>)>,
     /// Where appended events are also published for other instances.
     sink: Option<tokio::sync::mpsc::UnboundedSender<Published>>,
     /// A copy of a stream produced by another instance (the shared store).
@@ -146,8 +146,8 @@ impl StreamLog {
     }
 
     /// Keeps a `max_streams` slot for as long as the stream is held.
-    pub fn hold(&self, slot: crate::StreamSlot) {
-        let _ = self.slot.set(slot);
+    pub fn hold(&self, slot: crate::StreamSlot, client: Option<crate::ClientSlot>) {
+        let _ = self.slot.set((slot, client));
     }
 
     /// The id of the newest event (0 before the first).

@@ -115,7 +115,7 @@ impl Store for MemoryStore {
                     Some((expires, req)) if expires > Instant::now() => {
                         let log = Arc::new(StreamLog::new(self.replay_bytes));
                         inner.streams.insert(token.to_string(), log.clone());
-                        Redeem::First(req, log)
+                        Redeem::First(Box::new(req), log)
                     }
                     _ => Redeem::Unknown,
                 }
@@ -186,6 +186,7 @@ mod tests {
             path_and_query: "/v1/x".into(),
             headers: Default::default(),
             body: Default::default(),
+            client: String::new(),
         }
     }
 

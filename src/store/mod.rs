@@ -31,12 +31,14 @@ pub struct StoredRequest {
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Who posted it, for `limits.streams_per_client`.
+    pub client: String,
 }
 
 /// What a stream GET finds under a token.
 pub enum Redeem {
     /// The first GET: this caller must send the request upstream, once.
-    First(StoredRequest, Arc<StreamLog>),
+    First(Box<StoredRequest>, Arc<StreamLog>),
     /// The stream already runs (or ended within `resume_grace`).
     Existing(Arc<StreamLog>),
     /// Unknown, expired or forgotten.

@@ -221,7 +221,7 @@ impl Store for RedisStore {
                     })?;
                     let (log, rx) = self.produce_here(token);
                     tokio::spawn(publisher(conn, token.to_string(), rx, log.clone(), self.opts.clone()));
-                    Ok(Redeem::First(req, log))
+                    Ok(Redeem::First(Box::new(req), log))
                 }
                 Some(b"existing") => Ok(Redeem::Existing(self.follow_remote(token).await?)),
                 Some(b"noroom") => Ok(Redeem::NoRoom),
@@ -530,6 +530,7 @@ fn encode_request(req: &StoredRequest) -> Vec<u8> {
         "path": req.path_and_query,
         "headers": headers,
         "body": b64.encode(&req.body),
+        "client": req.client,
     });
     value.to_string().into_bytes()
 }
@@ -549,6 +550,7 @@ fn decode_request(raw: &[u8]) -> Option<StoredRequest> {
         path_and_query: v["path"].as_str()?.to_string(),
         headers,
         body: Bytes::from(b64.decode(v["body"].as_str()?).ok()?),
+        client: v["client"].as_str().unwrap_or_default().to_string(),
     })
 }
 
@@ -568,6 +570,7 @@ mod tests {
             path_and_query: "/v1/chat?x=1".into(),
             headers,
             body: Bytes::from_static(b"\x00{\"a\":1}\xff"),
+            client: "sub:alice".into(),
         };
         let back = decode_request(&encode_request(&req)).expect("decodes");
         assert_eq!(back.route, req.route);
@@ -575,6 +578,7 @@ mod tests {
         assert_eq!(back.path_and_query, req.path_and_query);
         assert_eq!(back.headers, req.headers);
         assert_eq!(back.body, req.body);
+        assert_eq!(back.client, req.client);
     }
 
     #[test]
