@@ -94,6 +94,10 @@ impl App {
             config.server.listen = old.server.listen;
             config.server.admin_listen = old.server.admin_listen;
         }
+        if config.limits.max_connections != old.limits.max_connections {
+            tracing::warn!("reload: limits.max_connections cannot change on reload; restart to change it");
+            config.limits.max_connections = old.limits.max_connections;
+        }
         if config.handoff.store != old.handoff.store {
             tracing::warn!("reload: handoff.store cannot change on reload; restart to change it");
             config.handoff.store = old.handoff.store.clone();
