@@ -18,6 +18,9 @@ pub enum Error {
     /// Downstream: the client has `limits.streams_per_client` streams open.
     #[error("too many open streams for this client (limits.streams_per_client)")]
     TooManyForClient,
+    /// Downstream: the request body stalled for `header_timeout`.
+    #[error("request body stalled for {0:?}")]
+    RequestTimeout(std::time::Duration),
     /// Downstream: a method the endpoint does not take.
     #[error("method not allowed here")]
     MethodNotAllowed,
@@ -55,6 +58,7 @@ impl Error {
             Error::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::TooManyForClient => StatusCode::TOO_MANY_REQUESTS,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -72,6 +76,7 @@ impl Error {
             Error::StoreUnavailable(_) => "store_unavailable",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::BadRequest(_) => "bad_request",
+            Error::RequestTimeout(_) => "request_timeout",
             Error::Unauthorized(_) => "unauthorized",
             Error::TooManyForClient => "rate_limited",
             Error::MethodNotAllowed => "method_not_allowed",

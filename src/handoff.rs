@@ -58,13 +58,7 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> R
         return Err(Error::PayloadTooLarge(max_body));
     }
     let (parts, body) = req.into_parts();
-    let body = Limited::new(body, max_body as usize).collect().await.map_err(|e| {
-        if e.is::<http_body_util::LengthLimitError>() {
-            Error::PayloadTooLarge(max_body)
-        } else {
-            Error::BadRequest(format!("request body could not be read: {e}"))
-        }
-    })?;
+    let body = read_body(body, max_body, cfg.limits.header_timeout).await?;
     let path_and_query = match parts.uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path,
@@ -74,7 +68,7 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> R
         method: parts.method.clone(),
         path_and_query,
         headers: proxy::forwarded_headers(&parts, conn, true, app.auth.is_some()),
-        body: body.to_bytes(),
+        body,
         client,
     };
     let token = new_token()?;
@@ -95,6 +89,28 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> R
         h.insert(header::LOCATION, location);
     }
     Ok(resp)
+}
+
+/// Reads a handoff body whole, up to `max_body`. Like nginx's
+/// `client_body_timeout`, each piece must follow the last within
+/// `header_timeout`, so a body trickled byte by byte cannot hold a
+/// connection forever (and `max_body` bounds the memory).
+async fn read_body(mut body: Incoming, max_body: u64, gap: Duration) -> Result<Bytes, Error> {
+    let mut out = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(gap, body.frame()).await {
+            Err(_) => return Err(Error::RequestTimeout(gap)),
+            Ok(None) => return Ok(out.freeze()),
+            Ok(Some(Err(e))) => return Err(Error::BadRequest(format!("request body could not be read: {e}"))),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if (out.len() + data.len()) as u64 > max_body {
+                return Err(Error::PayloadTooLarge(max_body));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
 }
 
 /// `GET {stream_prefix}/{token}`: the first GET starts the stream; later
