@@ -236,6 +236,15 @@ async fn follow(
                         last_write = Instant::now();
                     }
                     _ = tx.closed() => break,
+                    // A copy of another instance's stream has no local
+                    // producer to write the `shutdown` event: write it here.
+                    _ = app.drain.cancelled(), if log.mirror => {
+                        let mut out = BytesMut::new();
+                        let data = json_error("shutdown", "the proxy is shutting down");
+                        crate::sse::write_event(&mut out, cursor + 1, Some(app.config.sse.error_event.as_bytes()), &data);
+                        let _ = tx.send(out.freeze()).await;
+                        break;
+                    }
                 }
             }
         }
