@@ -125,10 +125,19 @@ pub async fn attach(app: &Arc<App>, req: Request<Incoming>, token: &str) -> Resu
         Redeem::NoRoom => return Err(Error::Overloaded("too many streams (limits.max_streams)")),
         Redeem::First(stored, log) => {
             let Some(slot) = slot else { return Err(Error::Internal("stream started without a slot".into())) };
-            app.metrics.tokens_redeemed.inc();
-            // Counted from here: the POST checked there was room.
-            let client = app.client_slot(&stored.client).unwrap_or(None);
+            // Counted from here (the POST checked there was room, but two
+            // POSTs can race): over the limit, the token is put back so a
+            // later GET can start it.
+            let client = match app.client_slot(&stored.client) {
+                Ok(client) => client,
+                Err(e) => {
+                    app.store.forget(token, &log).await;
+                    let _ = app.store.issue(token.to_string(), *stored).await;
+                    return Err(e);
+                }
+            };
             log.hold(slot, client);
+            app.metrics.tokens_redeemed.inc();
             tokio::spawn(produce(app.clone(), *stored, log.clone()));
             (log, 0)
         }

@@ -57,7 +57,7 @@ use upstream::Upstream;
 
 /// How long streams get to write their `shutdown` event and close after the
 /// drain deadline.
-const FINAL_FLUSH: Duration = Duration::from_secs(1);
+const FINAL_FLUSH: Duration = Duration::from_millis(800);
 
 /// What every request handler shares.
 pub struct App {

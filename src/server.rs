@@ -59,7 +59,15 @@ pub async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let app = current.borrow().clone();
         let tls = if side == Side::Public { app.tls.clone() } else { None };
-        let conn = Conn { peer, side, tls, builder: Arc::new(builder(&app)), app, current: current.clone() };
+        let conn = Conn {
+            peer,
+            side,
+            tls,
+            builder: Arc::new(builder(&app)),
+            app,
+            current: current.clone(),
+            stop: stop.clone(),
+        };
         let watcher = graceful.watcher();
         let span = tracing::debug_span!("conn", client = %peer);
         tokio::spawn(
@@ -97,16 +105,33 @@ struct Conn {
     /// The newest generation: each request uses the one current when it arrives.
     current: watch::Receiver<Arc<App>>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Fires on SIGINT/SIGTERM: a connection that has not sent a request
+    /// yet is closed at once instead of holding up the drain.
+    stop: CancellationToken,
 }
 
 impl Conn {
+    /// Completes shortly after the stop signal if the connection never got a
+    /// whole request (half a head, or a spare connection that sent only a
+    /// byte): hyper's graceful shutdown would wait for its head.
+    async fn abandon_if_idle(&self, requests: &std::sync::atomic::AtomicUsize) {
+        self.stop.cancelled().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if requests.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            std::future::pending::<()>().await;
+        }
+    }
+
     async fn serve(&self, stream: TcpStream, watcher: Watcher) {
         let header_timeout = self.app.config.limits.header_timeout;
         let info = ConnInfo { peer: self.peer, tls: self.tls.is_some() };
         let current = self.current.clone();
         let side = self.side;
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = requests.clone();
         let svc = service_fn(move |req| {
             let app = current.borrow().clone();
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             async move {
                 Ok::<_, Infallible>(match side {
                     Side::Public => router::handle(app, req, info).await,
@@ -115,21 +140,41 @@ impl Conn {
             }
         });
         let result = match &self.tls {
-            Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => watcher.watch(self.builder.serve_connection(TokioIo::new(tls), svc)).await,
-                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
-                Err(_) => return tracing::debug!("TLS handshake timed out"),
-            },
+            Some(acceptor) => {
+                let handshake = tokio::select! {
+                    r = tokio::time::timeout(header_timeout, acceptor.accept(stream)) => r,
+                    _ = self.stop.cancelled() => return,
+                };
+                match handshake {
+                    Ok(Ok(tls)) => {
+                        let served = watcher.watch(self.builder.serve_connection(TokioIo::new(tls), svc));
+                        tokio::select! {
+                            r = served => r,
+                            _ = self.abandon_if_idle(&requests) => return,
+                        }
+                    }
+                    Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!("TLS handshake timed out"),
+                }
+            }
             None => {
                 // hyper's header timeout starts once it reads; a client that
                 // connects and sends nothing is dropped here.
                 let mut first = [0u8; 1];
-                match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                let peeked = tokio::select! {
+                    r = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => r,
+                    _ = self.stop.cancelled() => return,
+                };
+                match peeked {
                     Ok(Ok(n)) if n > 0 => {}
                     Ok(_) => return tracing::debug!("client closed before sending a request"),
                     Err(_) => return tracing::debug!("no request within header_timeout"),
                 }
-                watcher.watch(self.builder.serve_connection(TokioIo::new(stream), svc)).await
+                let served = watcher.watch(self.builder.serve_connection(TokioIo::new(stream), svc));
+                tokio::select! {
+                    r = served => r,
+                    _ = self.abandon_if_idle(&requests) => return,
+                }
             }
         };
         if let Err(e) = result {

@@ -455,6 +455,12 @@ impl ManualUpstream {
         ManualUpstream { addr, feeds }
     }
 
+    /// The body of a request the proxy has already sent, if any is waiting
+    /// (for checks that the proxy sent nothing).
+    pub fn try_next(&mut self) -> Option<Feed> {
+        self.feeds.try_recv().ok()
+    }
+
     /// The body of the next request the proxy sends, failing after 10 s.
     pub async fn next(&mut self) -> Feed {
         tokio::time::timeout(Duration::from_secs(10), self.feeds.recv())
@@ -560,5 +566,148 @@ impl BodyReader {
         let out = String::from_utf8(self.buf[self.taken..].to_vec()).expect("body is not UTF-8");
         self.taken = self.buf.len();
         out
+    }
+}
+
+/// A running proxy started with [`ssegate::run_with_reload`]: each config
+/// sent with [`ReloadProxy::reload`] becomes the config of new requests.
+pub struct ReloadProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    reloads: tokio::sync::mpsc::Sender<Config>,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<Result<(), ssegate::StartError>>,
+}
+
+impl ReloadProxy {
+    /// Starts the proxy with `config` on ephemeral ports.
+    pub async fn start(config: Config) -> ReloadProxy {
+        let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let (reloads, reload_rx) = tokio::sync::mpsc::channel(1);
+        let shutdown = async move {
+            let _ = rx.await;
+        };
+        let task = tokio::spawn(ssegate::run_with_reload(config, Listeners { public, admin }, shutdown, reload_rx));
+        ReloadProxy { addr, admin: admin_addr, reloads, stop: Some(tx), task }
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Hands the proxy a new config. It is applied (or refused) shortly
+    /// after; the caller observes which through requests.
+    pub async fn reload(&self, config: Config) {
+        self.reloads.send(config).await.expect("the proxy stopped taking reloads");
+    }
+
+    /// Sends the shutdown signal.
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The `ssegate` binary running a config file; its log (JSON lines on
+/// stderr) is read all the time, so that a full pipe never blocks it.
+pub struct BinaryProxy {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Every log line read so far.
+    pub seen: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl BinaryProxy {
+    /// Writes `config` (TOML; `listen` and `admin_listen` may be port 0)
+    /// into a new temporary directory and runs the binary on it until it
+    /// logs that it listens (20 s at most).
+    pub async fn start(config: &str) -> BinaryProxy {
+        use tokio::io::AsyncBufReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ssegate"))
+            .args(["--config", path.to_str().unwrap(), "--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut proxy = BinaryProxy { child, addr: unknown, admin: unknown, log, seen: Vec::new(), _dir: dir };
+        let line = proxy.line_matching(|l| l.contains("ssegate listening")).await;
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        proxy.addr = v["fields"]["listen"].as_str().unwrap().parse().unwrap();
+        proxy.admin = v["fields"]["admin"].as_str().unwrap().parse().unwrap();
+        proxy
+    }
+
+    /// `http://ADDR{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Reads log lines until one matches `pred`, failing after 20 s.
+    pub async fn line_matching(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = self.log.recv().await {
+                self.seen.push(line.clone());
+                if pred(&line) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("the log ended without the line; got:\n{}", self.seen.join("\n")),
+            Err(_) => panic!("no such log line within 20 s; got:\n{}", self.seen.join("\n")),
+        }
+    }
+
+    /// Sends a signal (`"TERM"`, `"HUP"`) to the process.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("already exited").to_string();
+        let ok = std::process::Command::new("kill").args([&format!("-{name}"), &pid]).status().unwrap().success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// The process's resident set size in KiB (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("already exited");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("no VmRSS");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Waits for the process to exit (20 s at most) and reads the rest of
+    /// its log; returns its exit code.
+    pub async fn wait(&mut self) -> Option<i32> {
+        let status =
+            tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.expect("did not exit").unwrap();
+        while let Some(line) = self.log.recv().await {
+            self.seen.push(line);
+        }
+        status.code()
     }
 }
