@@ -9,6 +9,8 @@
 //!   event id N, trimmed by MINID to `handoff.replay_bytes`
 //! - `ssegate:{T}:alive` set while the producing instance is alive
 //! - `ssegate:tokens`    sorted set token → expiry, for `max_tokens`
+//! - `ssegate:instance:{id}` each instance's heartbeat (5 s TTL): clients
+//!   counted on a dead instance do not keep a stream's upstream running
 //! - channel `ssegate:ctl` takeover and Stop messages between instances
 //!
 //! The first GET claims the token with one Lua script (GET + DEL + HSET),
@@ -61,6 +63,19 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return {'existing'} end
 return {'unknown'}
 "#;
 
+/// Counts a client attaching (+1) or leaving (-1) on instance ARGV[3], in
+/// the stream's meta hash, only while the stream exists (never creating a
+/// key without a TTL); a leave records when, for the grace period.
+const ATTACH: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if tonumber(ARGV[1]) < 0 then redis.call('HSET', KEYS[1], 'left_at', ARGV[2]) end
+return redis.call('HINCRBY', KEYS[1], 'att:' .. ARGV[3], ARGV[1])
+"#;
+
+fn instance_key(instance: &str) -> String {
+    format!("ssegate:instance:{instance}")
+}
+
 fn key(token: &str, part: &str) -> String {
     format!("ssegate:{{{token}}}:{part}")
 }
@@ -111,6 +126,7 @@ impl RedisStore {
         });
         tokio::spawn(control(Arc::downgrade(&store), store.client.clone(), store.instance.clone()));
         tokio::spawn(purge(Arc::downgrade(&store)));
+        tokio::spawn(instance_heartbeat(Arc::downgrade(&store)));
         Ok(store)
     }
 
@@ -157,7 +173,21 @@ impl RedisStore {
             local.insert(token.to_string(), log.clone());
             log
         };
-        tokio::spawn(mirror(conn, token.to_string(), log.clone(), self.opts.error_event.clone()));
+        let mut conn = conn;
+        let mut last_seen = "0-0".to_string();
+        let have: Result<redis::streams::StreamRangeReply, _> = conn.xrange_all(key(token, "ev")).await;
+        if let Ok(have) = have {
+            for entry in have.ids {
+                let id = entry.id.split('-').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                let frame: Vec<u8> = entry.get("f").unwrap_or_default();
+                let last: u8 = entry.get("l").unwrap_or(0);
+                log.append(id, Bytes::from(frame), last == 1);
+                last_seen = entry.id;
+            }
+        }
+        if !log.ended() {
+            tokio::spawn(mirror(conn, token.to_string(), log.clone(), self.opts.error_event.clone(), last_seen));
+        }
         Ok(log)
     }
 
@@ -188,6 +218,8 @@ impl Store for RedisStore {
                 .arg(ttl_ms.max(1))
                 .ignore()
                 .zadd(TOKENS, &token, now + ttl_ms)
+                .ignore()
+                .pexpire(TOKENS, ttl_ms.max(1) as i64)
                 .ignore()
                 .query_async::<()>(&mut conn)
                 .await
@@ -220,7 +252,7 @@ impl Store for RedisStore {
                         StoreError::Unavailable("redis: a stored request could not be decoded".into())
                     })?;
                     let (log, rx) = self.produce_here(token);
-                    tokio::spawn(publisher(conn, token.to_string(), rx, log.clone(), self.opts.clone()));
+                    tokio::spawn(publisher(conn, token.to_string(), rx, Arc::downgrade(&log), self.opts.clone()));
                     Ok(Redeem::First(Box::new(req), log))
                 }
                 Some(b"existing") => Ok(Redeem::Existing(self.follow_remote(token).await?)),
@@ -267,17 +299,30 @@ impl Store for RedisStore {
     }
 
     fn forget<'a>(&'a self, token: &'a str, log: &'a Arc<StreamLog>) -> BoxFuture<'a, ()> {
-        let mut local = self.local();
-        if local.get(token).is_some_and(|l| Arc::ptr_eq(l, log)) {
-            local.remove(token);
+        {
+            let mut local = self.local();
+            if local.get(token).is_some_and(|l| Arc::ptr_eq(l, log)) {
+                local.remove(token);
+            }
         }
-        Box::pin(async {})
+        Box::pin(async move {
+            if !log.mirror && !log.ended() {
+                let Ok(mut conn) = self.conn().await else { return };
+                let _: Result<i64, _> = conn.del(&[key(token, "ev"), key(token, "meta"), key(token, "alive")]).await;
+            }
+        })
     }
 
     fn client_attached<'a>(&'a self, token: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let Ok(mut conn) = self.conn().await else { return };
-            let _: Result<i64, _> = conn.hincr(key(token, "meta"), "attached", 1).await;
+            let _: Result<i64, _> = redis::Script::new(ATTACH)
+                .key(key(token, "meta"))
+                .arg(1)
+                .arg(now_ms())
+                .arg(&self.instance)
+                .invoke_async(&mut conn)
+                .await;
             // A newer GET here ends the older connection on other instances.
             self.publish_control("takeover", token).await;
         })
@@ -286,7 +331,13 @@ impl Store for RedisStore {
     fn client_detached<'a>(&'a self, token: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let Ok(mut conn) = self.conn().await else { return };
-            let _: Result<i64, _> = conn.hincr(key(token, "meta"), "attached", -1).await;
+            let _: Result<i64, _> = redis::Script::new(ATTACH)
+                .key(key(token, "meta"))
+                .arg(-1)
+                .arg(now_ms())
+                .arg(&self.instance)
+                .invoke_async(&mut conn)
+                .await;
         })
     }
 
@@ -295,9 +346,29 @@ impl Store for RedisStore {
             let Ok(mut conn) = self.conn().await else { return false };
             // Our own clients are detached when this is asked; an
             // unanswered Redis counts as "nobody", so the upstream does not
-            // run on for a stream nobody can follow.
-            let attached: Result<Option<i64>, _> = conn.hget(key(token, "meta"), "attached").await;
-            attached.ok().flatten().is_some_and(|n| n > 0)
+            // run on for a stream nobody can follow. Clients of an instance
+            // whose heartbeat stopped do not count: it died with them.
+            let meta: Result<HashMap<String, String>, _> = conn.hgetall(key(token, "meta")).await;
+            let Ok(meta) = meta else { return false };
+            let grace_ms = self.opts.resume_grace.as_millis() as u64;
+            if meta
+                .get("left_at")
+                .and_then(|t| t.parse::<u64>().ok())
+                .is_some_and(|t| now_ms().saturating_sub(t) < grace_ms)
+            {
+                return true;
+            }
+            for (field, count) in &meta {
+                let Some(instance) = field.strip_prefix("att:") else { continue };
+                if count.parse::<i64>().unwrap_or(0) <= 0 {
+                    continue;
+                }
+                let alive: Result<bool, _> = conn.exists(instance_key(instance)).await;
+                if alive.unwrap_or(false) {
+                    return true;
+                }
+            }
+            false
         })
     }
 
@@ -348,7 +419,7 @@ async fn control(store: std::sync::Weak<RedisStore>, client: redis::Client, me: 
                 };
                 let Some(log) = store.find(token) else { continue };
                 match verb {
-                    "takeover" if from != me => log.kick(),
+                    "takeover" if from != me && log.is_attached() => log.kick(),
                     "kick" if from != me => log.kick(),
                     "stop" if !log.mirror => stop_local(&log),
                     _ => {}
@@ -356,6 +427,23 @@ async fn control(store: std::sync::Weak<RedisStore>, client: redis::Client, me: 
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Says this instance is alive, so that other instances count its clients.
+async fn instance_heartbeat(store: std::sync::Weak<RedisStore>) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    loop {
+        tick.tick().await;
+        let Some(store) = store.upgrade() else { return };
+        let Ok(mut conn) = store.conn().await else { continue };
+        let _: Result<(), _> = redis::cmd("SET")
+            .arg(instance_key(&store.instance))
+            .arg(1)
+            .arg("PX")
+            .arg(ALIVE_TTL.as_millis() as u64)
+            .query_async(&mut conn)
+            .await;
     }
 }
 
@@ -381,7 +469,7 @@ async fn publisher(
     mut conn: ConnectionManager,
     token: String,
     mut rx: mpsc::UnboundedReceiver<Published>,
-    log: Arc<StreamLog>,
+    weak: std::sync::Weak<StreamLog>,
     opts: RedisOptions,
 ) {
     let (ev, meta, alive) = (key(&token, "ev"), key(&token, "meta"), key(&token, "alive"));
@@ -403,7 +491,8 @@ async fn publisher(
                     .query_async(&mut conn)
                     .await;
                 if let Err(e) = beat {
-                    return fail(&log, &opts, &e.to_string());
+                    if let Some(log) = weak.upgrade() { fail(&log, &opts, &e.to_string()); }
+                    return;
                 }
                 continue;
             }
@@ -444,7 +533,10 @@ async fn publisher(
             pipe.del(&alive).ignore();
         }
         if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            return fail(&log, &opts, &e.to_string());
+            if let Some(log) = weak.upgrade() {
+                fail(&log, &opts, &e.to_string());
+            }
+            return;
         }
         if ended {
             return;
@@ -466,9 +558,14 @@ fn fail(log: &StreamLog, opts: &RedisOptions, reason: &str) {
 }
 
 /// Follows a stream another instance produces into a local copy.
-async fn mirror(mut conn: MultiplexedConnection, token: String, log: Arc<StreamLog>, error_event: String) {
+async fn mirror(
+    mut conn: MultiplexedConnection,
+    token: String,
+    log: Arc<StreamLog>,
+    error_event: String,
+    mut last_seen: String,
+) {
     let (ev, alive) = (key(&token, "ev"), key(&token, "alive"));
-    let mut last_seen = "0-0".to_string();
     let opts = RedisOptions {
         ttl: Duration::ZERO,
         max_tokens: 0,
