@@ -298,6 +298,12 @@ fn loadavg() -> String {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries without `--bench`: the
+    // bench is not part of the suite.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("store: run it with `cargo bench --bench store`");
+        return;
+    }
     let scale: f64 = std::env::var("STORE_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let scaled = |n: usize| ((n as f64 * scale).round() as usize).max(1);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
