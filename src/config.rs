@@ -631,6 +631,15 @@ mod tests {
     }
 
     #[test]
+    fn input_that_crashed_toml_edit_0_23_is_a_plain_error() {
+        // Found by the `config` fuzz target: toml_edit 0.23 panicked on it.
+        let raw = include_bytes!("../tests/fixtures/invalid/fuzz_crash_toml_edit.bin");
+        let err = parse(&String::from_utf8_lossy(raw)).unwrap_err();
+        assert_eq!(err.key, "(syntax)");
+        assert_eq!(err.line, Some(1));
+    }
+
+    #[test]
     fn errors_name_key_and_line() {
         let err = parse(&format!("{ROUTE}[limits]\nmax_bodyy = 3\n")).unwrap_err();
         assert_eq!(err.key, "limits.max_bodyy");
