@@ -93,3 +93,59 @@ async fn log_format_json_writes_json_lines() {
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exit").unwrap();
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn one_json_log_line_per_finished_stream_with_its_figures() {
+    let upstream =
+        Upstream::start(|_| Reply::chunks("text/event-stream", &[b"data: a\n\n", b"data: b\n\n", b"data: [DONE]\n\n"]))
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[[routes]]\nprefix = \"/v1\"\nupstream = \"http://{}\"\n",
+            upstream.addr
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let next_json = |line: String| -> serde_json::Value {
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap().unwrap();
+    let listen = next_json(first)["fields"]["listen"].as_str().unwrap().to_string();
+
+    let resp =
+        client().get(format!("http://{listen}/v1/chat")).header("accept", "text/event-stream").send().await.unwrap();
+    assert!(resp.text().await.unwrap().contains("[DONE]"));
+
+    let finished = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("stderr closed");
+            let v = next_json(line);
+            if v["fields"]["message"] == "stream finished" {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("no `stream finished` line");
+    let f = &finished["fields"];
+    assert_eq!(finished["level"], "INFO", "{finished}");
+    assert_eq!(f["route"], "/v1", "{finished}");
+    assert_eq!(f["outcome"], "complete", "{finished}");
+    assert_eq!(f["events"], 3, "{finished}");
+    assert!(f["bytes"].as_u64().is_some_and(|b| b > 30), "{finished}");
+    assert!(f["duration_ms"].as_f64().is_some(), "{finished}");
+    assert!(f["first_event_ms"].as_f64().is_some(), "{finished}");
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().unwrap().to_string()]).status();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exit").unwrap();
+    assert!(status.success());
+}
