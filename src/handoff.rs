@@ -50,7 +50,7 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> R
     let path = req.uri().path()[cfg.handoff.prefix.len()..].to_string();
     let route = app.routes.find(&path).cloned().ok_or(Error::NotFound)?;
     let client = app.authenticate(req.headers(), conn.peer)?;
-    if !app.client_has_room(&client) {
+    if !app.client_has_room(&client).await {
         return Err(Error::TooManyForClient);
     }
     let max_body = cfg.limits.max_body;
@@ -128,7 +128,7 @@ pub async fn attach(app: &Arc<App>, req: Request<Incoming>, token: &str) -> Resu
             // Counted from here (the POST checked there was room, but two
             // POSTs can race): over the limit, the token is put back so a
             // later GET can start it.
-            let client = match app.client_slot(&stored.client) {
+            let client = match app.client_slot(&stored.client).await {
                 Ok(client) => client,
                 Err(e) => {
                     app.store.forget(token, &log).await;

@@ -78,8 +78,6 @@ pub struct App {
     streams: Arc<AtomicUsize>,
     /// Verifies client JWTs when `[auth]` is set.
     pub auth: Option<Arc<auth::Authenticator>>,
-    /// Open streams per client, against `limits.streams_per_client`.
-    clients: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl App {
@@ -109,7 +107,6 @@ impl App {
         }
         Ok(App {
             auth: authenticator(&config)?,
-            clients: self.clients.clone(),
             tls: tls_acceptor(&config)?,
             routes,
             upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),
@@ -132,26 +129,24 @@ impl App {
     }
 
     /// Counts one more open stream for `client`, or refuses with 429 when it
-    /// has `limits.streams_per_client` open already (0 = no limit).
-    pub fn client_slot(&self, client: &str) -> Result<Option<ClientSlot>, error::Error> {
+    /// has `limits.streams_per_client` open already (0 = no limit), on every
+    /// instance that shares the store.
+    pub async fn client_slot(&self, client: &str) -> Result<Option<ClientSlot>, error::Error> {
         let max = self.config.limits.streams_per_client;
         if max == 0 {
             return Ok(None);
         }
-        let mut counts = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        let n = counts.entry(client.to_string()).or_insert(0);
-        if *n >= max {
-            return Err(error::Error::TooManyForClient);
+        match self.store.client_acquire(client, max).await {
+            Ok(true) => Ok(Some(ClientSlot { store: self.store.clone(), client: client.to_string() })),
+            Ok(false) => Err(error::Error::TooManyForClient),
+            Err(e) => Err(error::Error::StoreUnavailable(e.to_string())),
         }
-        *n += 1;
-        Ok(Some(ClientSlot { counts: self.clients.clone(), client: client.to_string() }))
     }
 
     /// Whether `client` may open another stream now (without counting it).
-    pub fn client_has_room(&self, client: &str) -> bool {
+    pub async fn client_has_room(&self, client: &str) -> bool {
         let max = self.config.limits.streams_per_client;
-        let counts = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        max == 0 || counts.get(client).copied().unwrap_or(0) < max
+        max == 0 || self.store.client_open(client).await < max
     }
 
     /// A `max_streams` slot, or None when all are taken.
@@ -165,20 +160,29 @@ impl App {
 }
 
 /// One open stream of a client; the count drops when this does.
-#[derive(Debug)]
 pub struct ClientSlot {
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    store: Arc<dyn Store>,
     client: String,
+}
+
+impl std::fmt::Debug for ClientSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSlot").finish_non_exhaustive()
+    }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(&self.client) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.client);
-            }
+        let client = std::mem::take(&mut self.client);
+        if !self.store.shared() {
+            // The memory store counts down in the call itself, at once.
+            drop(self.store.client_release(client));
+            return;
+        }
+        // The Redis store needs the runtime, gone only when the process exits.
+        let store = self.store.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { store.client_release(client).await });
         }
     }
 }
@@ -269,7 +273,6 @@ pub async fn run_with_reload(
     }
     let app = Arc::new(App {
         auth: authenticator(&config)?,
-        clients: Default::default(),
         tls,
         routes,
         upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),

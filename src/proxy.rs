@@ -41,7 +41,7 @@ pub async fn forward(
     let mut slot = None;
     let mut client_slot = None;
     if wants_events {
-        client_slot = app.client_slot(&client)?;
+        client_slot = app.client_slot(&client).await?;
         slot = Some(app.stream_slot().ok_or(Error::Overloaded("too many streams (limits.max_streams)"))?);
     }
     let (parts, body) = req.into_parts();
@@ -67,7 +67,7 @@ pub async fn forward(
         };
         let client_slot = match client_slot {
             Some(c) => Some(c),
-            None => app.client_slot(&client)?,
+            None => app.client_slot(&client).await?,
         };
         return Ok(crate::stream::direct_response(app, route, head, body, started, (slot, client_slot)));
     }

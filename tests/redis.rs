@@ -899,3 +899,64 @@ async fn a_client_lost_with_its_instance_does_not_keep_the_upstream_running() {
     });
     eprintln!("upstream cancelled {:?} after the client's instance died", died.elapsed());
 }
+
+/// `limits.streams_per_client` counts a client's streams on every instance
+/// that shares Redis: a second stream on B while one runs on A is 429; another
+/// client is not affected; once the first ends, the client may open one again.
+#[tokio::test]
+async fn streams_per_client_is_shared_between_instances() {
+    let redis = RedisServer::start().await;
+    let upstream = slow_or_fast_upstream().await;
+    let secret = "a-shared-secret-of-some-length";
+    let proxies = instances(2, upstream.addr, &redis, |c| {
+        c.limits.streams_per_client = 1;
+        c.auth = Some(ssegate::config::AuthConfig {
+            jwt_hs256_secret: Some(ssegate::config::Secret(secret.into())),
+            jwks_file: None,
+            audience: None,
+        });
+    })
+    .await;
+    let (a, b) = (&proxies[0], &proxies[1]);
+    let token = |sub: &str| {
+        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+        let claims = serde_json::json!({ "sub": sub, "exp": exp });
+        let jwt = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        format!("Bearer {jwt}")
+    };
+    let open = |proxy: &Proxy, sub: &str| {
+        client()
+            .get(proxy.url("/v1/slow"))
+            .header("accept", "text/event-stream")
+            .header("authorization", token(sub))
+            .send()
+    };
+    let first = open(a, "alice").await.unwrap();
+    assert_eq!(first.status(), 200);
+    let mut first = BodyReader::new(first);
+    first.until("id: 1\n").await;
+
+    let refused = open(b, "alice").await.unwrap();
+    assert_eq!(refused.status(), 429, "a second stream of the same client on another instance");
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(error_type(&refused.text().await.unwrap()), "rate_limited");
+    let other = open(b, "bob").await.unwrap();
+    assert_eq!(other.status(), 200, "another client is not affected");
+    drop(other);
+
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = open(b, "alice").await.unwrap();
+        if again.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice's slot never came back after her stream ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -16,6 +16,8 @@ pub struct MemoryStore {
     max_tokens: usize,
     replay_bytes: usize,
     metrics: Arc<Metrics>,
+    /// Open streams per client, for `limits.streams_per_client`.
+    clients: Mutex<HashMap<String, usize>>,
 }
 
 struct Inner {
@@ -35,6 +37,7 @@ impl MemoryStore {
             max_tokens,
             replay_bytes,
             metrics,
+            clients: Mutex::new(HashMap::new()),
         }
     }
 
@@ -168,6 +171,32 @@ impl Store for MemoryStore {
 
     fn clients_elsewhere<'a>(&'a self, _token: &'a str) -> BoxFuture<'a, bool> {
         Box::pin(async { false })
+    }
+
+    fn client_acquire<'a>(&'a self, client: &'a str, max: usize) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let granted = {
+            let mut counts = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+            let n = counts.entry(client.to_string()).or_insert(0);
+            (*n < max).then(|| *n += 1).is_some()
+        };
+        Box::pin(async move { Ok(granted) })
+    }
+
+    fn client_release(&self, client: String) -> BoxFuture<'_, ()> {
+        // Done here, not in the future, so that dropping it is enough.
+        let mut counts = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&client);
+            }
+        }
+        Box::pin(async {})
+    }
+
+    fn client_open<'a>(&'a self, client: &'a str) -> BoxFuture<'a, usize> {
+        let n = self.clients.lock().unwrap_or_else(|e| e.into_inner()).get(client).copied().unwrap_or(0);
+        Box::pin(async move { n })
     }
 
     fn ready(&self) -> BoxFuture<'_, bool> {

@@ -82,6 +82,19 @@ pub trait Store: Send + Sync {
     /// Whether a client is attached on another instance (so the grace
     /// period has not begun).
     fn clients_elsewhere<'a>(&'a self, token: &'a str) -> BoxFuture<'a, bool>;
+    /// Counts one more open stream for `client` unless it has `max` open
+    /// already (on every instance sharing the store); false when refused.
+    fn client_acquire<'a>(&'a self, client: &'a str, max: usize) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Counts one stream of `client` less. A store that is not `shared`
+    /// does it in the call itself, so the future need not be run.
+    fn client_release(&self, client: String) -> BoxFuture<'_, ()>;
+    /// Whether the store is shared with other instances (and its futures
+    /// must run to do their work).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Open streams of `client`.
+    fn client_open<'a>(&'a self, client: &'a str) -> BoxFuture<'a, usize>;
     /// Whether the store answers (for `/readyz`).
     fn ready(&self) -> BoxFuture<'_, bool>;
 }

@@ -72,6 +72,30 @@ if tonumber(ARGV[1]) < 0 then redis.call('HSET', KEYS[1], 'left_at', ARGV[2]) en
 return redis.call('HINCRBY', KEYS[1], 'att:' .. ARGV[3], ARGV[1])
 "#;
 
+/// Counts a client's open streams per instance in one hash; refuses when
+/// the total (over instances) is at ARGV[2]. Counts of an instance that
+/// died expire with the key (ARGV[3] ms after the last stream opened).
+const CLIENT_ACQUIRE: &str = r#"
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+if total >= tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"#;
+
+const CLIENT_RELEASE: &str = r#"
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
+"#;
+
+/// How long a client's stream count outlives its last new stream.
+const CLIENT_TTL: Duration = Duration::from_secs(3600);
+
+fn client_key(client: &str) -> String {
+    format!("ssegate:client:{client}")
+}
+
 fn instance_key(instance: &str) -> String {
     format!("ssegate:instance:{instance}")
 }
@@ -369,6 +393,44 @@ impl Store for RedisStore {
                 }
             }
             false
+        })
+    }
+
+    fn client_acquire<'a>(&'a self, client: &'a str, max: usize) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let granted: i64 = redis::Script::new(CLIENT_ACQUIRE)
+                .key(client_key(client))
+                .arg(&self.instance)
+                .arg(max)
+                .arg(CLIENT_TTL.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(granted == 1)
+        })
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn client_release(&self, client: String) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Ok(mut conn) = self.conn().await else { return };
+            let _: Result<i64, _> = redis::Script::new(CLIENT_RELEASE)
+                .key(client_key(&client))
+                .arg(&self.instance)
+                .invoke_async(&mut conn)
+                .await;
+        })
+    }
+
+    fn client_open<'a>(&'a self, client: &'a str) -> BoxFuture<'a, usize> {
+        Box::pin(async move {
+            let Ok(mut conn) = self.conn().await else { return 0 };
+            let counts: Result<Vec<i64>, _> = conn.hvals(client_key(client)).await;
+            counts.map(|c| c.into_iter().sum::<i64>().max(0) as usize).unwrap_or(0)
         })
     }
 
