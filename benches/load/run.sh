@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# ssegate side by side with nginx (issue 6/7): the same scenarios against the
+# fake upstream directly (baseline), through ssegate, and through nginx
+# (benches/load/nginx.conf), then one table with the ratios.
+#
+#   benches/load/run.sh              # builds, installs nginx when missing, runs, prints the table
+#
+# Everything listens on 127.0.0.1 only. Ports (override by environment):
+# LOAD_UPSTREAM_PORT 18080, LOAD_SSEGATE_PORT 18081, LOAD_NGINX_PORT 18082,
+# LOAD_ADMIN_PORT 18083. Work files, logs and the raw JSON lines of every
+# run go to target/load/. IDLE_STREAMS (default 9000) sets the idle scenario,
+# ROUNDS (default 3) how often the typing and handoff scenarios run (the
+# table shows the median), QUIET_WAIT (default 60) how many seconds to wait
+# at most for the machine to be idle before starting.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+out=$root/target/load
+mkdir -p "$out"
+
+up_port=${LOAD_UPSTREAM_PORT:-18080}
+sg_port=${LOAD_SSEGATE_PORT:-18081}
+ng_port=${LOAD_NGINX_PORT:-18082}
+admin_port=${LOAD_ADMIN_PORT:-18083}
+# One proxy process holds two file descriptors per stream and may open
+# 20,000 here: 9,000 streams fit with room for the listeners and logs.
+idle_streams=${IDLE_STREAMS:-9000}
+rounds=${ROUNDS:-3}
+quiet_wait=${QUIET_WAIT:-60}
+
+echo "command: benches/load/run.sh${*:+ $*}"
+
+# File descriptors: as many as this machine allows (20,000 here).
+ulimit -n "$(ulimit -Hn)"
+
+# nginx from Debian's package, installed without starting the system service.
+nginx_bin=$(command -v nginx || true)
+[ -n "$nginx_bin" ] || [ ! -x /usr/sbin/nginx ] || nginx_bin=/usr/sbin/nginx
+if [ -z "$nginx_bin" ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "installing nginx (apt-get)"
+  policy=/usr/sbin/policy-rc.d
+  added_policy=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod +x "$policy"
+    added_policy=1
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nginx >/dev/null
+  [ -z "$added_policy" ] || $sudo rm -f "$policy"
+  nginx_bin=/usr/sbin/nginx
+fi
+
+echo "building (cargo build --release; cargo bench --bench load --no-run)"
+cargo build --release -q
+load=$(cargo bench --bench load --no-run --message-format=json -q 2>/dev/null |
+  grep -o '"executable":"[^"]*/load-[0-9a-f]*"' | tail -1 | cut -d'"' -f4)
+[ -x "$load" ] || { echo "error: the load bench binary was not built" >&2; exit 1; }
+ssegate=$root/target/release/ssegate
+
+for port in "$up_port" "$sg_port" "$ng_port" "$admin_port"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "error: 127.0.0.1:$port is in use (set LOAD_*_PORT)" >&2
+    exit 1
+  fi
+done
+
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_port() {
+  local i
+  for i in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "error: nothing listens on 127.0.0.1:$1 ($2); see $out/*.log" >&2
+  exit 1
+}
+
+# The fake upstream.
+"$load" upstream --listen "127.0.0.1:$up_port" 2>"$out/upstream.log" &
+up_pid=$!
+pids+=("$up_pid")
+
+# ssegate: one route to the upstream, limits above the idle scenario, logs
+# at warn (nginx runs with access_log off).
+cat >"$out/ssegate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$sg_port"
+admin_listen = "127.0.0.1:$admin_port"
+
+[limits]
+max_streams = 20000
+max_connections = 20000
+
+[[routes]]
+prefix = "/v1"
+upstream = "http://127.0.0.1:$up_port"
+EOF
+RUST_LOG=warn "$ssegate" --config "$out/ssegate.toml" 2>"$out/ssegate.log" &
+sg_pid=$!
+pids+=("$sg_pid")
+
+# nginx with its own prefix, in the foreground.
+ng_prefix=$out/nginx
+rm -rf "$ng_prefix"
+mkdir -p "$ng_prefix"
+sed -e "s|@PREFIX@|$ng_prefix|g" -e "s|@LISTEN@|127.0.0.1:$ng_port|g" -e "s|@UPSTREAM@|127.0.0.1:$up_port|g" \
+  benches/load/nginx.conf >"$ng_prefix/nginx.conf"
+"$nginx_bin" -p "$ng_prefix" -c "$ng_prefix/nginx.conf" -e "$ng_prefix/error.log" 2>"$out/nginx.log" &
+ng_pid=$!
+pids+=("$ng_pid")
+
+wait_port "$up_port" upstream
+wait_port "$sg_port" ssegate
+wait_port "$ng_port" nginx
+
+echo "machine: $(nproc) cores, $(uname -sr); $("$nginx_bin" -v 2>&1); $("$ssegate" --version 2>/dev/null || echo ssegate)"
+
+results=$out/results.jsonl
+: >"$results"
+
+# run SCENARIO QUERY STREAMS [client options...]: the scenario against the
+# upstream directly, through ssegate and through nginx.
+run() {
+  local scenario=$1 query=$2 streams=$3 target port pid
+  shift 3
+  for target in direct ssegate nginx; do
+    case $target in
+      direct)
+        port=$up_port
+        pid=()
+        ;;
+      ssegate)
+        port=$sg_port
+        pid=(--pid "$sg_pid")
+        ;;
+      nginx)
+        port=$ng_port
+        pid=(--pid "$ng_pid")
+        ;;
+    esac
+    "$load" client --scenario "$scenario" --target "$target" --streams "$streams" "${pid[@]}" \
+      --upstream-pid "$up_pid" "$@" \
+      --url "http://127.0.0.1:$port/v1/stream?$query" >>"$results"
+    printf '  %-8s %-8s %s\n' "$scenario" "$target" "$(tail -1 "$results" | grep -o '"errors":[0-9]*')"
+    sleep 1
+  done
+}
+
+# CPU seconds the whole machine spent busy since boot (/proc/stat).
+busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
+# Wait (at most QUIET_WAIT s) until the machine is idle for 2 s: other work
+# on these 2 cores would show as latency and CPU in the figures.
+waited=0
+while :; do
+  b0=$(busy_ticks)
+  sleep 2
+  busy=$(($(busy_ticks) - b0)) # ticks over 2 s; 2 cores = 400 at 100 Hz
+  if [ "$busy" -le 20 ] || [ "$waited" -ge "$quiet_wait" ]; then break; fi
+  waited=$((waited + 2))
+done
+echo "machine busy before the run: $busy ticks in 2 s (400 = both cores), after waiting ${waited} s; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+
+echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+echo "running the scenarios"
+started=$(date +%s)
+# Idle first, on fresh processes: the RSS growth is then the streams' own.
+# One event opens each stream, the next would come after 60 s.
+run idle "n=2&size=64&interval_ms=60000&format=sse" "$idle_streams" --idle-hold-ms 2000
+for _ in $(seq "$rounds"); do
+  run typing "n=200&size=64&interval_ms=20&format=sse" 100
+  "$load" client --scenario handoff --target ssegate --streams 100 --pid "$sg_pid" --upstream-pid "$up_pid" \
+    --handoff --url "http://127.0.0.1:$sg_port/handoff/v1/stream?n=200&size=64&interval_ms=20&format=sse" \
+    --spread-ms 20 >>"$results"
+  printf '  %-8s %-8s %s\n' handoff ssegate "$(tail -1 "$results" | grep -o '"errors":[0-9]*')"
+  sleep 1
+done
+# Fan-in latency is the steady state: each stream's first 10 events (its
+# first second, while 2,000 connections open) count, but not their latency.
+run fanin "n=100&size=64&interval_ms=100&format=sse" 2000 --warmup-events 10
+run flat "n=20000&size=64&interval_ms=0&format=sse" 50
+run large "n=200&size=65536&interval_ms=0&format=sse" 20
+echo "scenarios took $(($(date +%s) - started)) s; load average $(cut -d' ' -f1-3 /proc/loadavg); raw results: ${results#"$root"/}"
+echo
+
+"$load" report "$results"
