@@ -104,50 +104,55 @@ mod tests {
 
     const SECRET: &str = "0123456789abcdef-test-secret";
 
-    fn auth(audience: Option<&str>) -> Authenticator {
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn auth(audience: Option<&str>) -> Result<Authenticator, Box<dyn std::error::Error>> {
         let cfg = AuthConfig {
             jwt_hs256_secret: Some(Secret(SECRET.into())),
             jwks_file: None,
             audience: audience.map(str::to_string),
         };
-        Authenticator::new(&cfg).expect("valid config")
+        Authenticator::new(&cfg).map_err(|(k, r)| format!("{k}: {r}").into())
     }
 
     fn now() -> u64 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
     }
 
-    fn token(claims: serde_json::Value, secret: &str) -> HeaderMap {
-        let jwt = encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("encodes");
+    fn token(claims: serde_json::Value, secret: &str) -> Result<HeaderMap, Box<dyn std::error::Error>> {
+        let jwt = encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes()))?;
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, format!("Bearer {jwt}").parse().expect("header"));
-        h
+        h.insert(header::AUTHORIZATION, format!("Bearer {jwt}").parse()?);
+        Ok(h)
     }
 
     #[test]
-    fn valid_token_gives_its_subject() {
-        let claims = auth(None).verify(&token(serde_json::json!({"sub": "alice", "exp": now() + 60}), SECRET));
-        assert_eq!(claims.expect("accepted").sub.as_deref(), Some("alice"));
+    fn valid_token_gives_its_subject() -> TestResult {
+        let claims = auth(None)?.verify(&token(serde_json::json!({"sub": "alice", "exp": now() + 60}), SECRET)?)?;
+        assert_eq!(claims.sub.as_deref(), Some("alice"));
+        Ok(())
     }
 
     #[test]
-    fn expired_wrong_key_missing_exp_and_no_header_are_refused() {
-        let a = auth(None);
+    fn expired_wrong_key_missing_exp_and_no_header_are_refused() -> TestResult {
+        let a = auth(None)?;
         let refused = |h: HeaderMap| matches!(a.verify(&h), Err(Error::Unauthorized(_)));
-        assert!(refused(token(serde_json::json!({"sub": "a", "exp": now() - 3600}), SECRET)), "expired");
-        assert!(refused(token(serde_json::json!({"sub": "a", "exp": now() + 60}), "another-secret-of-length")));
-        assert!(refused(token(serde_json::json!({"sub": "a"}), SECRET)), "no exp");
+        assert!(refused(token(serde_json::json!({"sub": "a", "exp": now() - 3600}), SECRET)?), "expired");
+        assert!(refused(token(serde_json::json!({"sub": "a", "exp": now() + 60}), "another-secret-of-length")?));
+        assert!(refused(token(serde_json::json!({"sub": "a"}), SECRET)?), "no exp");
         assert!(refused(HeaderMap::new()), "no header");
         let mut basic = HeaderMap::new();
-        basic.insert(header::AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().expect("header"));
+        basic.insert(header::AUTHORIZATION, "Basic dXNlcjpwYXNz".parse()?);
         assert!(refused(basic), "not a bearer token");
+        Ok(())
     }
 
     #[test]
-    fn audience_is_checked_when_configured() {
-        let a = auth(Some("ssegate"));
-        assert!(a.verify(&token(serde_json::json!({"aud": "ssegate", "exp": now() + 60}), SECRET)).is_ok());
-        assert!(a.verify(&token(serde_json::json!({"aud": "other", "exp": now() + 60}), SECRET)).is_err());
-        assert!(a.verify(&token(serde_json::json!({"exp": now() + 60}), SECRET)).is_err());
+    fn audience_is_checked_when_configured() -> TestResult {
+        let a = auth(Some("ssegate"))?;
+        assert!(a.verify(&token(serde_json::json!({"aud": "ssegate", "exp": now() + 60}), SECRET)?).is_ok());
+        assert!(a.verify(&token(serde_json::json!({"aud": "other", "exp": now() + 60}), SECRET)?).is_err());
+        assert!(a.verify(&token(serde_json::json!({"exp": now() + 60}), SECRET)?).is_err());
+        Ok(())
     }
 }

@@ -597,37 +597,40 @@ mod tests {
     const ROUTE: &str = "[[routes]]\nprefix = \"/v1\"\nupstream = \"http://127.0.0.1:8000\"\n";
 
     #[test]
-    fn defaults_match_the_contract() {
-        let c = parse(ROUTE).unwrap();
+    fn defaults_match_the_contract() -> Result<(), ConfigError> {
+        let c = parse(ROUTE)?;
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.server.drain_timeout, Duration::from_secs(10));
         assert_eq!(c.handoff.replay_bytes, 1024 * 1024);
         assert_eq!(c.limits.max_streams, 10_000);
         assert_eq!(c.limits.first_byte_timeout, Duration::from_secs(120));
         assert_eq!(c.routes[0].format, Format::Auto);
+        Ok(())
     }
 
     #[test]
-    fn sizes_and_durations_parse() {
+    fn sizes_and_durations_parse() -> Result<(), ConfigError> {
         let text = format!("[sse]\nkeepalive = \"250ms\"\n[limits]\nmax_body = \"64KiB\"\nmax_event_bytes = 100\nidle_timeout = \"2m\"\n{ROUTE}");
-        let c = parse(&text).unwrap();
+        let c = parse(&text)?;
         assert_eq!(c.sse.keepalive, Duration::from_millis(250));
         assert_eq!(c.limits.max_body, 65536);
         assert_eq!(c.limits.max_event_bytes, 100);
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(120));
+        Ok(())
     }
 
     #[test]
-    fn env_substitution_and_missing_variable() {
+    fn env_substitution_and_missing_variable() -> Result<(), ConfigError> {
         std::env::set_var("SSEGATE_TEST_KEY", "sk-123");
         let text = format!("{ROUTE}[routes.headers]\nAuthorization = \"Bearer ${{SSEGATE_TEST_KEY}}\"\n");
-        let c = parse(&text).unwrap();
+        let c = parse(&text)?;
         assert_eq!(c.routes[0].headers["authorization"].0, "Bearer sk-123");
         assert_eq!(format!("{:?}", c.routes[0].headers["authorization"]), "MASKED");
         let text = format!("{ROUTE}[routes.headers]\nx = \"${{SSEGATE_TEST_MISSING_VAR}}\"\n");
         let err = parse(&text).unwrap_err();
         assert!(err.reason.contains("SSEGATE_TEST_MISSING_VAR is not set"), "{err}");
         assert_eq!(err.line, Some(5), "{err}");
+        Ok(())
     }
 
     #[test]

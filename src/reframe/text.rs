@@ -75,7 +75,10 @@ mod tests {
         assert_eq!(err, None);
         let mut out = String::new();
         for e in events {
-            out.push_str(std::str::from_utf8(&e.data).expect("events are UTF-8"));
+            match std::str::from_utf8(&e.data) {
+                Ok(text) => out.push_str(text),
+                Err(err) => panic!("an event is not UTF-8: {err}"),
+            }
         }
         out
     }

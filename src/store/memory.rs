@@ -220,17 +220,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_first_redeem_ever_and_expiry() {
+    async fn one_first_redeem_ever_and_expiry() -> Result<(), StoreError> {
         let metrics = Arc::new(Metrics::new());
         let store = MemoryStore::new(Duration::from_secs(30), 2, 1024, metrics.clone());
-        store.issue("a".into(), req()).await.unwrap();
-        store.issue("b".into(), req()).await.unwrap();
+        store.issue("a".into(), req()).await?;
+        store.issue("b".into(), req()).await?;
         assert!(matches!(store.issue("c".into(), req()).await, Err(StoreError::TokensFull)));
-        assert!(matches!(store.redeem("a", true).await.unwrap(), Redeem::First(..)));
-        assert!(matches!(store.redeem("a", true).await.unwrap(), Redeem::Existing(..)));
+        assert!(matches!(store.redeem("a", true).await?, Redeem::First(..)));
+        assert!(matches!(store.redeem("a", true).await?, Redeem::Existing(..)));
         store.purge(Instant::now() + Duration::from_secs(31));
-        assert!(matches!(store.redeem("b", true).await.unwrap(), Redeem::Unknown));
+        assert!(matches!(store.redeem("b", true).await?, Redeem::Unknown));
         assert_eq!(metrics.tokens_expired.get(), 1);
-        assert!(matches!(store.redeem("nope", true).await.unwrap(), Redeem::Unknown));
+        assert!(matches!(store.redeem("nope", true).await?, Redeem::Unknown));
+        Ok(())
     }
 }
