@@ -10,7 +10,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use ssegate::reframe::{Reframer, Wire};
 
@@ -64,7 +64,7 @@ fn run(wire: Wire, input: &[u8], chunk: usize, out: &mut BytesMut) -> u64 {
     let mut r = Reframer::new(wire, 1 << 20);
     let mut events = 0;
     for piece in input.chunks(chunk) {
-        r.feed(piece);
+        r.feed(Bytes::copy_from_slice(piece));
         while let Ok(Some(_)) = r.next_event(out) {
             events += 1;
         }

@@ -358,7 +358,7 @@ async fn produce(app: Arc<App>, stored: StoredRequest, log: Arc<StreamLog>) {
         let kind = match chunk {
             Some(Ok(chunk)) => {
                 last_chunk = Instant::now();
-                producer.reframer.feed(&chunk);
+                producer.reframer.feed(chunk);
                 match producer.drain(&mut stats) {
                     Ok(()) => continue,
                     Err(e) => ("event_too_large", e.to_string()),

@@ -28,12 +28,36 @@ impl SseEncoder {
         self.last_id
     }
 
+    /// Like [`encode`](SseEncoder::encode) for a name and data without CR or LF.
+    pub fn encode_line(&mut self, out: &mut BytesMut, name: Option<&[u8]>, data: &[u8]) -> u64 {
+        self.last_id += 1;
+        write_line_event(out, self.last_id, name, data);
+        self.last_id
+    }
+
     /// Writes one event with the next id; returns that id.
     pub fn encode(&mut self, out: &mut BytesMut, name: Option<&[u8]>, data: &[u8]) -> u64 {
         self.last_id += 1;
         write_event(out, self.last_id, name, data);
         self.last_id
     }
+}
+
+/// Writes an event whose name and data hold no CR or LF (the caller knows):
+/// what [`write_event`] writes, without scanning the payload.
+pub fn write_line_event(out: &mut BytesMut, id: u64, name: Option<&[u8]>, data: &[u8]) {
+    let mut itoa = itoa::Buffer::new();
+    let id = itoa.format(id).as_bytes();
+    out.reserve(16 + id.len() + name.map_or(0, |n| n.len() + 8) + data.len());
+    out.put_slice(b"id: ");
+    out.put_slice(id);
+    if let Some(name) = name {
+        out.put_slice(b"\nevent: ");
+        out.put_slice(name);
+    }
+    out.put_slice(b"\ndata: ");
+    out.put_slice(data);
+    out.put_slice(b"\n\n");
 }
 
 /// Writes `id:`, `event:` when named, and one `data:` line per payload line.

@@ -150,7 +150,7 @@ impl Body for EventStream {
             match this.source.poll_chunk(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.last_upstream = Instant::now();
-                    this.reframer.feed(&chunk);
+                    this.reframer.feed(chunk);
                     if let Err(e) = this.drain_events() {
                         let frame = this.finish_with_error("event_too_large", &e.to_string());
                         return Poll::Ready(Some(Ok(Frame::data(frame))));

@@ -112,6 +112,19 @@ fn sse_input() -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(sse_token(), 0..48).prop_map(|t| t.concat())
 }
 
+/// An event stream as model servers write it, one-line events with and
+/// without names and spaces, mixed with the odd token of [`sse_token`].
+fn sse_events_input() -> impl Strategy<Value = Vec<u8>> {
+    let event = prop_oneof![
+        4 => "[a-z0-9 {}\":]{0,12}".prop_map(|d| format!("data: {d}\n\n").into_bytes()),
+        1 => "[a-z0-9 ]{0,6}".prop_map(|d| format!("data:{d}\n\n").into_bytes()),
+        2 => ("[a-z_ ]{0,8}", "[a-z0-9 ]{0,12}").prop_map(|(n, d)| format!("event: {n}\ndata: {d}\n\n").into_bytes()),
+        1 => ("[a-z_]{0,8}", "[a-z0-9]{0,12}").prop_map(|(n, d)| format!("event:{n}\ndata:{d}\n\n").into_bytes()),
+        1 => sse_token(),
+    ];
+    prop::collection::vec(event, 0..24).prop_map(|t| t.concat())
+}
+
 /// Tokens of an NDJSON body: JSON-ish lines, CR, LF, multibyte text.
 fn ndjson_input() -> impl Strategy<Value = Vec<u8>> {
     let fixed: Vec<&'static [u8]> = vec![
@@ -351,6 +364,28 @@ proptest! {
         prop_assert_eq!(&reframe(wire, &input, &every_byte(&input)), &whole);
     }
 
+    /// The reframer writes exactly the events the decoder reads, encoded,
+    /// and stops on the same bound error: its fast path for one-line SSE
+    /// events changes nothing a client sees, however the input is cut.
+    #[test]
+    fn reframer_writes_the_decoded_events(
+        (input, cuts) in with_cuts(prop_oneof![sse_events_input(), sse_input()]),
+        max in 1usize..40,
+    ) {
+        for max in [max, BIG] {
+            let (events, err) = run(Wire::Sse, max, &input, &cuts);
+            let mut enc = SseEncoder::new();
+            let mut expected = BytesMut::new();
+            for e in &events {
+                enc.encode(&mut expected, e.name.as_deref(), &e.data);
+            }
+            let (out, rerr, last) = reframe_bounded(Wire::Sse, max, &input, &cuts);
+            prop_assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&expected), "max {}", max);
+            prop_assert_eq!(rerr, err);
+            prop_assert_eq!(last, events.len() as u64);
+        }
+    }
+
     /// Encoder → SSE decoder is the identity on names and on data, once CRLF
     /// and CR in the data are read as the LF the decoder joins lines with.
     #[test]
@@ -414,10 +449,15 @@ fn enc_data() -> impl Strategy<Value = String> {
 
 /// Runs a `Reframer` over `input` cut at `cuts`; returns everything written.
 fn reframe(wire: Wire, input: &[u8], cuts: &[usize]) -> (Vec<u8>, Option<TooLarge>, u64) {
-    let mut r = Reframer::new(wire, BIG);
+    reframe_bounded(wire, BIG, input, cuts)
+}
+
+/// `reframe` with `limits.max_event_bytes` = `max`.
+fn reframe_bounded(wire: Wire, max: usize, input: &[u8], cuts: &[usize]) -> (Vec<u8>, Option<TooLarge>, u64) {
+    let mut r = Reframer::new(wire, max);
     let mut out = BytesMut::new();
     for chunk in pieces(input, cuts) {
-        r.feed(chunk);
+        r.feed(Bytes::copy_from_slice(chunk));
         loop {
             match r.next_event(&mut out) {
                 Ok(Some(_)) => {}

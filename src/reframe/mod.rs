@@ -9,7 +9,7 @@ mod ndjson;
 mod sse;
 mod text;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 
 pub use ndjson::NdjsonDecoder;
@@ -103,7 +103,11 @@ impl Decoder {
 pub struct Reframer {
     decoder: Decoder,
     encoder: SseEncoder,
+    /// Bytes carried over from earlier chunks (an event cut in two).
     buf: BytesMut,
+    /// The newest chunk while `buf` is empty: one-line SSE events are
+    /// encoded straight from it, without a copy into `buf`.
+    chunk: Bytes,
     eof: bool,
 }
 
@@ -114,13 +118,27 @@ impl Reframer {
             decoder: Decoder::new(wire, max_event_bytes),
             encoder: SseEncoder::new(),
             buf: BytesMut::new(),
+            chunk: Bytes::new(),
             eof: false,
         }
     }
 
     /// Hands the reframer the next upstream chunk.
-    pub fn feed(&mut self, chunk: &[u8]) {
-        self.buf.extend_from_slice(chunk);
+    pub fn feed(&mut self, chunk: Bytes) {
+        self.spill();
+        if self.buf.is_empty() {
+            self.chunk = chunk;
+        } else {
+            self.buf.extend_from_slice(&chunk);
+        }
+    }
+
+    /// Moves what is left of `chunk` into `buf`, for the general decoders.
+    fn spill(&mut self) {
+        if !self.chunk.is_empty() {
+            self.buf.extend_from_slice(&self.chunk);
+        }
+        self.chunk = Bytes::new();
     }
 
     /// Marks the end of the upstream body.
@@ -130,6 +148,20 @@ impl Reframer {
 
     /// Encodes the next complete event into `out`; returns its id.
     pub fn next_event(&mut self, out: &mut BytesMut) -> Result<Option<u64>, TooLarge> {
+        if let Decoder::Sse(d) = &self.decoder {
+            let from_chunk = !self.chunk.is_empty();
+            let src: &[u8] = if from_chunk { &self.chunk } else { &self.buf };
+            if let Some(e) = d.fast(src) {
+                let id = self.encoder.encode_line(out, e.name.map(|r| &src[r]), &src[e.data]);
+                if from_chunk {
+                    self.chunk.advance(e.len);
+                } else {
+                    self.buf.advance(e.len);
+                }
+                return Ok(Some(id));
+            }
+        }
+        self.spill();
         let event =
             if self.eof { self.decoder.decode_eof(&mut self.buf)? } else { self.decoder.decode(&mut self.buf)? };
         Ok(event.map(|e| self.encoder.encode(out, e.name.as_deref(), &e.data)))

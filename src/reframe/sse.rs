@@ -12,6 +12,24 @@ use super::{Event, TooLarge};
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
+/// Where the parts of a one-line event are, from [`SseDecoder::fast`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Simple {
+    pub name: Option<std::ops::Range<usize>>,
+    pub data: std::ops::Range<usize>,
+    /// Bytes the event takes, its blank line included.
+    pub len: usize,
+}
+
+/// Where a field's value starts: after the colon at `colon_end` and one space.
+fn value_start(line: &[u8], colon_end: usize) -> usize {
+    if line.get(colon_end) == Some(&b' ') {
+        colon_end + 1
+    } else {
+        colon_end
+    }
+}
+
 /// Upstream SSE → events.
 #[derive(Debug)]
 pub struct SseDecoder {
@@ -87,6 +105,48 @@ impl SseDecoder {
                 return Ok(Some(event));
             }
         }
+    }
+
+    /// The common shape, `[event: NAME LF] data: DATA LF LF`, at the start of
+    /// `s` while no event is half read: the name and data ranges in `s` and
+    /// how many bytes the event takes. Anything else (CR, comments, several
+    /// data lines, a bound reached) is `None` and goes through [`decode`],
+    /// which gives the same events; this only skips its per-line bookkeeping.
+    ///
+    /// [`decode`]: SseDecoder::decode
+    pub fn fast(&self, s: &[u8]) -> Option<Simple> {
+        if !self.started
+            || self.after_cr
+            || self.next_index != 0
+            || self.name.is_some()
+            || self.data.is_some()
+            || !self.joined.is_empty()
+        {
+            return None;
+        }
+        let (name, start) = if s.starts_with(b"event:") {
+            let end = memchr::memchr2(b'\r', b'\n', s)?;
+            if s[end] != b'\n' || end > self.max {
+                return None;
+            }
+            let value = value_start(s, 6)..end;
+            (if value.is_empty() { None } else { Some(value) }, end + 1)
+        } else {
+            (None, 0)
+        };
+        let rest = &s[start..];
+        if !rest.starts_with(b"data:") {
+            return None;
+        }
+        let end = memchr::memchr2(b'\r', b'\n', rest)?;
+        if rest[end] != b'\n' || rest.get(end + 1) != Some(&b'\n') || end > self.max {
+            return None;
+        }
+        let data = start + value_start(rest, 5)..start + end;
+        if data.len() + 1 > self.max {
+            return None;
+        }
+        Some(Simple { name, data, len: start + end + 2 })
     }
 
     /// At the end of the body: only events already complete in `buf`.
