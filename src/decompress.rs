@@ -8,7 +8,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::Body;
-use hyper::body::Incoming;
+
+use crate::upstream::UpstreamBody;
 
 /// Compressed bytes fed to the decoder at a time; with gzip's ratio limit
 /// this bounds the output of one step to about 1 MiB.
@@ -19,7 +20,7 @@ const OUT_TARGET: usize = 64 * 1024;
 /// Why the next chunk could not be had.
 #[derive(Debug)]
 pub enum ChunkError {
-    Upstream(hyper::Error),
+    Upstream(crate::body::BoxError),
     Decode(std::io::Error),
 }
 
@@ -67,7 +68,7 @@ impl Codec {
 
 /// The upstream body as plain bytes.
 pub struct Decoded {
-    inner: Incoming,
+    inner: UpstreamBody,
     codec: Option<Codec>,
     /// Compressed bytes not yet fed to the codec.
     pending: Bytes,
@@ -76,7 +77,7 @@ pub struct Decoded {
 
 impl Decoded {
     /// Wraps an upstream body, decompressing per its `Content-Encoding`.
-    pub fn new(inner: Incoming, headers: &HeaderMap) -> Decoded {
+    pub fn new(inner: UpstreamBody, headers: &HeaderMap) -> Decoded {
         Decoded { inner, codec: Codec::for_headers(headers), pending: Bytes::new(), done: false }
     }
 

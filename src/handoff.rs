@@ -15,7 +15,7 @@ use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -304,13 +304,13 @@ async fn produce(app: Arc<App>, stored: StoredRequest, log: Arc<StreamLog>) {
         Some((p, q)) => (p, Some(q)),
         None => (stored.path_and_query.as_str(), None),
     };
-    let body = Full::new(stored.body.clone()).map_err(|never| match never {}).boxed_unsync();
+    let body = stored.body.clone();
     let req = match proxy::build_request(&route, stored.method.clone(), path, query, stored.headers.clone(), body) {
         Ok(req) => req,
         Err(e) => return Producer::detached(&app, &log, Wire::Text).error(e.kind(), &e.to_string()),
     };
     let sent = tokio::select! {
-        r = app.upstream.send(req, app.config.limits.max_body) => r,
+        r = app.upstream.send_stream(req) => r,
         _ = log.cancel.cancelled() => return Producer::detached(&app, &log, Wire::Text).cancelled(&mut stats),
         _ = app.drain.cancelled() => return Producer::detached(&app, &log, Wire::Text).error("shutdown", "the proxy is shutting down"),
     };
@@ -445,7 +445,7 @@ impl<'a> Producer<'a> {
         }
     }
 
-    async fn upstream_status(&mut self, status: StatusCode, body: Incoming) {
+    async fn upstream_status(&mut self, status: StatusCode, body: crate::upstream::UpstreamBody) {
         let read = Limited::new(body, ERROR_BODY_LIMIT).collect();
         let bytes = match tokio::time::timeout(Duration::from_secs(10), read).await {
             Ok(Ok(b)) => b.to_bytes(),

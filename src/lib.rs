@@ -26,6 +26,7 @@ pub mod cors;
 pub mod decompress;
 pub mod demo;
 pub mod error;
+pub mod h1;
 pub mod handoff;
 pub mod metrics;
 pub mod passthrough;

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::body::BoxError;
+use crate::upstream::UpstreamBody;
 
 /// Why a passed-through body was cut.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +24,7 @@ pub enum Cut {
 
 /// The upstream body, forwarded chunk by chunk.
 pub struct PassThrough {
-    inner: Incoming,
+    inner: UpstreamBody,
     idle: Duration,
     /// When the last upstream bytes arrived; the timer is re-armed from it
     /// lazily, so a chunk costs no timer re-registration.
@@ -35,7 +35,7 @@ pub struct PassThrough {
 
 impl PassThrough {
     /// Wraps an upstream body.
-    pub fn new(inner: Incoming, idle: Duration, deadline: CancellationToken) -> PassThrough {
+    pub fn new(inner: UpstreamBody, idle: Duration, deadline: CancellationToken) -> PassThrough {
         let now = Instant::now();
         PassThrough {
             inner,
@@ -61,7 +61,7 @@ impl Body for PassThrough {
                 this.last = Instant::now();
                 return Poll::Ready(Some(Ok(frame)));
             }
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}
         }

@@ -11,7 +11,7 @@ use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::body::{LimitedBody, RequestBody, ResponseBody};
+use crate::body::{LimitedBody, ResponseBody};
 use crate::error::Error;
 use crate::passthrough::PassThrough;
 use crate::router::Route;
@@ -45,9 +45,26 @@ pub async fn forward(
         slot = Some(app.stream_slot().ok_or(Error::Overloaded("too many streams (limits.max_streams)"))?);
     }
     let (parts, body) = req.into_parts();
-    let body = LimitedBody::new(body, max_body).boxed_unsync();
-    let upstream_req = upstream_request(route, &parts, body, conn, wants_events, app.auth.is_some())?;
-    let (resp, head_time) = match app.upstream.send(upstream_req, max_body).await {
+    let body = LimitedBody::new(body, max_body);
+    let authenticated = app.auth.is_some();
+    let sent = if wants_events {
+        // An event stream: the body (a prompt) is read whole first, as
+        // nginx's proxy_request_buffering does, and the answer streams
+        // through the streaming client.
+        let body = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if crate::body::caused_by::<crate::body::BodyTooLarge>(&*e) => {
+                return Err(Error::PayloadTooLarge(max_body))
+            }
+            Err(e) => return Err(Error::BadRequest(format!("request body could not be read: {e}"))),
+        };
+        let upstream_req = upstream_request(route, &parts, body, conn, wants_events, authenticated)?;
+        app.upstream.send_stream(upstream_req).await
+    } else {
+        let upstream_req = upstream_request(route, &parts, body.boxed_unsync(), conn, wants_events, authenticated)?;
+        app.upstream.send(upstream_req, max_body).await
+    };
+    let (resp, head_time) = match sent {
         Ok(ok) => ok,
         Err(e) => {
             if matches!(e, Error::UpstreamUnavailable(_) | Error::UpstreamTimeout(_)) {
@@ -76,14 +93,14 @@ pub async fn forward(
 }
 
 /// Builds the request that goes upstream, as direct mode forwards it.
-pub fn upstream_request(
+pub fn upstream_request<B>(
     route: &Route,
     parts: &http::request::Parts,
-    body: RequestBody,
+    body: B,
     conn: ConnInfo,
     wants_events: bool,
     authenticated: bool,
-) -> Result<Request<RequestBody>, Error> {
+) -> Result<Request<B>, Error> {
     let headers = forwarded_headers(parts, conn, wants_events, authenticated);
     build_request(route, parts.method.clone(), parts.uri.path(), parts.uri.query(), headers, body)
 }
@@ -125,14 +142,14 @@ pub fn forwarded_headers(
 
 /// The upstream request for `route`: its URI, the given headers with the
 /// route's headers set over them, and the body.
-pub fn build_request(
+pub fn build_request<B>(
     route: &Route,
     method: http::Method,
     path: &str,
     query: Option<&str>,
     mut headers: HeaderMap,
-    body: RequestBody,
-) -> Result<Request<RequestBody>, Error> {
+    body: B,
+) -> Result<Request<B>, Error> {
     let uri = route.upstream_uri(path, query)?;
     for (name, value) in &route.headers {
         headers.insert(name.clone(), value.clone());

@@ -13,7 +13,6 @@ use http::header::{self, HeaderValue};
 use http::{response, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -47,7 +46,7 @@ pub fn direct_response(
     app: &Arc<App>,
     route: &Arc<Route>,
     mut head: response::Parts,
-    body: Incoming,
+    body: crate::upstream::UpstreamBody,
     started: std::time::Instant,
     slot: (crate::StreamSlot, Option<crate::ClientSlot>),
 ) -> Response<ResponseBody> {

@@ -1,15 +1,20 @@
-//! The pooled upstream client (hyper-util + hyper-rustls, HTTP/1.1) and the
-//! mapping of its failures to [`Error`].
+//! The upstream clients and the mapping of their failures to [`Error`]:
+//! event streams go through [`crate::h1`], everything else through the
+//! pooled hyper-util client (with hyper-rustls), both HTTP/1.1.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::body::{caused_by, BodyTooLarge, RequestBody};
+use crate::body::{caused_by, BodyTooLarge, BoxError, RequestBody};
 use crate::error::Error;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -18,7 +23,40 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<Connector, RequestBody>,
+    stream: crate::h1::Client,
     first_byte_timeout: Duration,
+}
+
+/// An upstream response body, from either client.
+pub enum UpstreamBody {
+    Pooled(Incoming),
+    Stream(crate::h1::Body),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Stream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Pooled(b) => b.is_end_stream(),
+            UpstreamBody::Stream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Pooled(b) => b.size_hint(),
+            UpstreamBody::Stream(b) => b.size_hint(),
+        }
+    }
 }
 
 impl Upstream {
@@ -34,6 +72,16 @@ impl Upstream {
             .with_safe_default_protocol_versions()
             .map(|b| b.with_root_certificates(roots).with_no_client_auth());
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let mut stream_tls = match &tls {
+            Ok(tls) => tls.clone(),
+            Err(_) => rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::from_iter(
+                    webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
+                ))
+                .with_no_client_auth(),
+        };
+        stream_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let stream = crate::h1::Client::new(std::sync::Arc::new(stream_tls), connect_timeout);
         let https = match tls {
             Ok(tls) => builder.with_tls_config(tls),
             // The ring provider supports the default versions; this is unreachable in practice.
@@ -43,7 +91,7 @@ impl Upstream {
         .enable_http1()
         .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(https);
-        Upstream { client, first_byte_timeout }
+        Upstream { client, stream, first_byte_timeout }
     }
 
     /// Sends a request and waits for its response head, at most
@@ -52,12 +100,25 @@ impl Upstream {
         &self,
         req: Request<RequestBody>,
         max_body: u64,
-    ) -> Result<(Response<Incoming>, Duration), Error> {
+    ) -> Result<(Response<UpstreamBody>, Duration), Error> {
         let started = Instant::now();
         match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok((resp, started.elapsed())),
+            Ok(Ok(resp)) => Ok((resp.map(UpstreamBody::Pooled), started.elapsed())),
             Ok(Err(e)) if caused_by::<BodyTooLarge>(&e) => Err(Error::PayloadTooLarge(max_body)),
             Ok(Err(e)) => Err(Error::UpstreamUnavailable(describe(&e))),
+            Err(_) => Err(Error::UpstreamTimeout(self.first_byte_timeout)),
+        }
+    }
+}
+
+impl Upstream {
+    /// Sends a request whose answer is expected to be an event stream through
+    /// the streaming client; like [`send`](Upstream::send) otherwise.
+    pub async fn send_stream(&self, req: Request<Bytes>) -> Result<(Response<UpstreamBody>, Duration), Error> {
+        let started = Instant::now();
+        match tokio::time::timeout(self.first_byte_timeout, self.stream.send(req)).await {
+            Ok(Ok(resp)) => Ok((resp.map(UpstreamBody::Stream), started.elapsed())),
+            Ok(Err(e)) => Err(Error::UpstreamUnavailable(e.to_string())),
             Err(_) => Err(Error::UpstreamTimeout(self.first_byte_timeout)),
         }
     }

@@ -155,6 +155,11 @@ impl Reframer {
                 let id = self.encoder.encode_line(out, e.name.map(|r| &src[r]), &src[e.data]);
                 if from_chunk {
                     self.chunk.advance(e.len);
+                    if self.chunk.is_empty() {
+                        // Let go of the upstream read buffer, so that it is
+                        // reused in place for the next read.
+                        self.chunk = Bytes::new();
+                    }
                 } else {
                     self.buf.advance(e.len);
                 }
