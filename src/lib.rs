@@ -39,13 +39,13 @@ pub mod store;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
+pub mod wake;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -285,12 +285,12 @@ pub async fn run_with_reload(
         config,
     });
     let stop = CancellationToken::new();
-    let graceful = GracefulShutdown::new();
+    let tracker = tokio_util::task::TaskTracker::new();
     tracing::info!(listen = %addr(&listeners.public), admin = %addr(&listeners.admin), tls = app.tls.is_some(), "ssegate listening");
     app.ready.store(true, Ordering::Release);
     let (current_tx, current) = tokio::sync::watch::channel(app.clone());
-    let public = server::accept_loop(listeners.public, Side::Public, current.clone(), stop.clone(), &graceful);
-    let admin = server::accept_loop(listeners.admin, Side::Admin, current, stop.clone(), &graceful);
+    let public = server::accept_loop(listeners.public, Side::Public, current.clone(), stop.clone(), &tracker);
+    let admin = server::accept_loop(listeners.admin, Side::Admin, current, stop.clone(), &tracker);
     let reloader = async {
         loop {
             tokio::select! {
@@ -316,7 +316,8 @@ pub async fn run_with_reload(
         stop.cancel();
     };
     tokio::join!(public, admin, signalled, reloader);
-    let drained = graceful.shutdown();
+    tracker.close();
+    let drained = tracker.wait();
     tokio::pin!(drained);
     if tokio::time::timeout(app.config.server.drain_timeout, &mut drained).await.is_err() {
         tracing::info!("drain timeout reached: ending open streams");

@@ -12,6 +12,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::body::BoxError;
 use crate::upstream::UpstreamBody;
+use crate::wake::OnWake;
 
 /// Why a passed-through body was cut.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +31,7 @@ pub struct PassThrough {
     /// lazily, so a chunk costs no timer re-registration.
     last: Instant,
     timer: Pin<Box<Sleep>>,
-    deadline: Pin<Box<WaitForCancellationFutureOwned>>,
+    deadline: OnWake<WaitForCancellationFutureOwned>,
 }
 
 impl PassThrough {
@@ -42,7 +43,7 @@ impl PassThrough {
             idle,
             last: now,
             timer: Box::pin(tokio::time::sleep_until(now + idle)),
-            deadline: Box::pin(deadline.cancelled_owned()),
+            deadline: OnWake::new(deadline.cancelled_owned()),
         }
     }
 }
@@ -53,7 +54,7 @@ impl Body for PassThrough {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if this.deadline.as_mut().poll(cx).is_ready() {
+        if Pin::new(&mut this.deadline).poll(cx).is_ready() {
             return Poll::Ready(Some(Err(Box::new(Cut::Shutdown))));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {

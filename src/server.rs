@@ -9,14 +9,16 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::body::BoxError;
 use crate::proxy::ConnInfo;
+use crate::wake::OnWake;
 use crate::{admin, router, App};
 
 /// Which listener a connection came in on.
@@ -28,14 +30,14 @@ pub enum Side {
     Admin,
 }
 
-/// Accepts connections until `stop` fires; every connection is watched by
-/// `graceful` so that the drain can wait for it.
+/// Accepts connections until `stop` fires; every connection runs on
+/// `tracker`, so that the drain can wait for them.
 pub async fn accept_loop(
     listener: TcpListener,
     side: Side,
     current: watch::Receiver<Arc<App>>,
     stop: CancellationToken,
-    graceful: &GracefulShutdown,
+    tracker: &TaskTracker,
 ) {
     // The connection bound is fixed at start; a reload changes the rest.
     let permits = Arc::new(Semaphore::new(current.borrow().config.limits.max_connections));
@@ -68,12 +70,11 @@ pub async fn accept_loop(
             current: current.clone(),
             stop: stop.clone(),
         };
-        let watcher = graceful.watcher();
         let span = tracing::debug_span!("conn", client = %peer);
-        tokio::spawn(
+        tracker.spawn(
             async move {
                 conn.app.metrics.connections_open.inc();
-                conn.serve(stream, watcher).await;
+                conn.serve(stream).await;
                 conn.app.metrics.connections_open.dec();
                 drop(permit);
             }
@@ -111,19 +112,15 @@ struct Conn {
 }
 
 impl Conn {
-    /// Completes shortly after the stop signal if the connection never got a
-    /// whole request (half a head, or a spare connection that sent only a
-    /// byte): hyper's graceful shutdown would wait for its head.
-    async fn abandon_if_idle(&self, requests: &std::sync::atomic::AtomicUsize) {
-        self.stop.cancelled().await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if requests.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-            std::future::pending::<()>().await;
-        }
-    }
-
-    async fn serve(&self, stream: TcpStream, watcher: Watcher) {
-        let header_timeout = self.app.config.limits.header_timeout;
+    /// Serves HTTP on `io` until the client is done or, after the stop
+    /// signal, until its open requests are: hyper's graceful shutdown. A
+    /// connection that never got a whole request (half a head, or a spare
+    /// connection that sent only a byte) is closed 100 ms after the signal,
+    /// as hyper would wait for its head.
+    async fn drive<I>(&self, io: I) -> Result<(), BoxError>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let info = ConnInfo { peer: self.peer, tls: self.tls.is_some() };
         let current = self.current.clone();
         let side = self.side;
@@ -139,6 +136,30 @@ impl Conn {
                 })
             }
         });
+        let conn = self.builder.serve_connection(io, svc);
+        tokio::pin!(conn);
+        // Polled only when the signal fires, not on every wake of the connection.
+        let mut stop = OnWake::new(self.stop.clone().cancelled_owned());
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => return r,
+            _ = &mut stop => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        let abandon = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if requests.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = abandon => Ok(()),
+        }
+    }
+
+    async fn serve(&self, stream: TcpStream) {
+        let header_timeout = self.app.config.limits.header_timeout;
         let result = match &self.tls {
             Some(acceptor) => {
                 let handshake = tokio::select! {
@@ -146,13 +167,7 @@ impl Conn {
                     _ = self.stop.cancelled() => return,
                 };
                 match handshake {
-                    Ok(Ok(tls)) => {
-                        let served = watcher.watch(self.builder.serve_connection(TokioIo::new(tls), svc));
-                        tokio::select! {
-                            r = served => r,
-                            _ = self.abandon_if_idle(&requests) => return,
-                        }
-                    }
+                    Ok(Ok(tls)) => self.drive(TokioIo::new(tls)).await,
                     Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => return tracing::debug!("TLS handshake timed out"),
                 }
@@ -170,11 +185,7 @@ impl Conn {
                     Ok(_) => return tracing::debug!("client closed before sending a request"),
                     Err(_) => return tracing::debug!("no request within header_timeout"),
                 }
-                let served = watcher.watch(self.builder.serve_connection(TokioIo::new(stream), svc));
-                tokio::select! {
-                    r = served => r,
-                    _ = self.abandon_if_idle(&requests) => return,
-                }
+                self.drive(TokioIo::new(stream)).await
             }
         };
         if let Err(e) = result {

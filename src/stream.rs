@@ -26,6 +26,7 @@ use crate::metrics::{Metrics, OutcomeLabels};
 use crate::reframe::{Reframer, Wire};
 use crate::router::Route;
 use crate::sse::KEEPALIVE;
+use crate::wake::OnWake;
 use crate::App;
 
 /// The head every event stream is sent with.
@@ -59,7 +60,7 @@ pub fn direct_response(
     let stream = EventStream {
         source,
         reframer: Reframer::new(wire, cfg.limits.max_event_bytes as usize),
-        out: BytesMut::with_capacity(4096),
+        out: BytesMut::new(),
         finished: false,
         add_end,
         keepalive: cfg.sse.keepalive,
@@ -67,7 +68,7 @@ pub fn direct_response(
         last_write: Instant::now(),
         last_upstream: Instant::now(),
         timer: Box::pin(tokio::time::sleep(cfg.sse.keepalive.min(cfg.limits.idle_timeout))),
-        deadline: Box::pin(app.drain.clone().cancelled_owned()),
+        deadline: OnWake::new(app.drain.clone().cancelled_owned()),
         names: Names { end: Bytes::from(cfg.sse.end_event.clone()), error: Bytes::from(cfg.sse.error_event.clone()) },
         stats: StreamStats::new(&app.metrics, route, started),
         _slot: slot,
@@ -98,7 +99,7 @@ pub struct EventStream {
     /// One timer for both, re-armed lazily when it fires, so an event costs
     /// no timer re-registration.
     timer: Pin<Box<Sleep>>,
-    deadline: Pin<Box<WaitForCancellationFutureOwned>>,
+    deadline: OnWake<WaitForCancellationFutureOwned>,
     names: Names,
     stats: StreamStats,
     _slot: (crate::StreamSlot, Option<crate::ClientSlot>),
@@ -141,7 +142,7 @@ impl Body for EventStream {
         if this.finished {
             return Poll::Ready(None);
         }
-        if this.deadline.as_mut().poll(cx).is_ready() {
+        if Pin::new(&mut this.deadline).poll(cx).is_ready() {
             let frame = this.finish_with_error("shutdown", "the proxy is shutting down");
             return Poll::Ready(Some(Ok(Frame::data(frame))));
         }

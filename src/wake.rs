@@ -1,0 +1,140 @@
+//! [`OnWake`]: a future polled only when it asked to be.
+//!
+//! A stream's body is polled on every upstream chunk; the drain and stop
+//! signals it also waits on (a `CancellationToken` shared by every stream)
+//! take a lock shared by all streams each time they are polled. Wrapped in
+//! [`OnWake`], such a future is polled once to register, and again only
+//! after its own waker fired, so a chunk costs two atomic operations for it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::task::AtomicWaker;
+
+/// Wraps `F`, polling it only on its first poll and after its waker fired.
+pub struct OnWake<F> {
+    inner: Pin<Box<F>>,
+    signal: Arc<Signal>,
+    /// The waker handed to `inner` (it wakes `signal`).
+    waker: Waker,
+    polled: bool,
+}
+
+struct Signal {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Signal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> OnWake<F> {
+    pub fn new(inner: F) -> OnWake<F> {
+        let signal = Arc::new(Signal { fired: AtomicBool::new(false), task: AtomicWaker::new() });
+        let waker = Waker::from(signal.clone());
+        OnWake { inner: Box::pin(inner), signal, waker, polled: false }
+    }
+}
+
+impl<F: Future> Future for OnWake<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        this.signal.task.register(cx.waker());
+        if this.polled && !this.signal.fired.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.polled = true;
+        this.inner.as_mut().poll(&mut Context::from_waker(&this.waker))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts its polls; ready once `open` is set (then it wakes nobody:
+    /// the test wakes the stored waker itself).
+    struct Probe {
+        polls: Arc<AtomicUsize>,
+        open: Arc<AtomicBool>,
+        waker: Arc<std::sync::Mutex<Option<Waker>>>,
+    }
+
+    impl Future for Probe {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+            if self.open.load(Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_inner_future_is_polled_only_after_its_own_wake() -> Result<(), &'static str> {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicBool::new(false));
+        let stored = Arc::new(std::sync::Mutex::new(None::<Waker>));
+        let probe = Probe { polls: polls.clone(), open: open.clone(), waker: stored.clone() };
+        let mut wrapped = Box::pin(OnWake::new(probe));
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..100 {
+            assert!(wrapped.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "100 outer polls, one inner poll");
+        open.store(true, Ordering::SeqCst);
+        assert!(wrapped.as_mut().poll(&mut cx).is_pending(), "not woken yet, so not polled");
+        let inner_waker = stored.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or("no waker")?;
+        // The task's waker is woken through the wrapper when the inner one is.
+        let (task_waker, woken) = counting_waker();
+        assert!(wrapped.as_mut().poll(&mut Context::from_waker(&task_waker)).is_pending());
+        inner_waker.wake();
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        assert!(wrapped.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+        Ok(())
+    }
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counting_waker() -> (Waker, Arc<Count>) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (Waker::from(count.clone()), count)
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_token_still_ends_it() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let wrapped = OnWake::new(token.clone().cancelled_owned());
+        let waiter = tokio::spawn(wrapped);
+        tokio::task::yield_now().await;
+        token.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .map_err(|_| "not woken")
+            .and_then(|r| r.map_err(|_| "panicked"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
