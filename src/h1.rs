@@ -590,7 +590,15 @@ impl http_body::Body for Body {
         let this = &mut *self;
         loop {
             match this.step() {
-                Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Step::Data(data)) => {
+                    // The last bytes of a length-delimited body: a reader that
+                    // knows the length (hyper) does not poll again, so the
+                    // connection goes back to the pool now.
+                    if matches!(this.framing, Framing::Length(0)) {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
                 Ok(Step::Done) => {
                     this.finish();
                     return Poll::Ready(None);

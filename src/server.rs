@@ -129,12 +129,14 @@ impl Conn {
         let svc = service_fn(move |req| {
             let app = current.borrow().clone();
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            async move {
+            // Boxed: hyper keeps the slot for the request future for as long
+            // as the connection lives; a stream is idle in it for minutes.
+            Box::pin(async move {
                 Ok::<_, Infallible>(match side {
                     Side::Public => router::handle(app, req, info).await,
                     Side::Admin => admin::handle(&app, req).await,
                 })
-            }
+            })
         });
         let conn = self.builder.serve_connection(io, svc);
         tokio::pin!(conn);

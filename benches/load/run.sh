@@ -11,7 +11,8 @@
 # run go to target/load/. IDLE_STREAMS (default 9000) sets the idle scenario,
 # ROUNDS (default 3) how often the typing and handoff scenarios run (the
 # table shows the median), QUIET_WAIT (default 60) how many seconds to wait
-# at most for the machine to be idle before starting.
+# at most for the machine to be idle before starting. SCENARIOS (default
+# "idle typing handoff fanin flat large") picks which scenarios run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -27,6 +28,9 @@ admin_port=${LOAD_ADMIN_PORT:-18083}
 idle_streams=${IDLE_STREAMS:-9000}
 rounds=${ROUNDS:-3}
 quiet_wait=${QUIET_WAIT:-60}
+scenarios=" ${SCENARIOS:-idle typing handoff fanin flat large} "
+# want NAME: whether the scenario NAME was asked for.
+want() { [[ $scenarios == *" $1 "* ]]; }
 
 echo "command: benches/load/run.sh${*:+ $*}"
 
@@ -176,9 +180,10 @@ echo "running the scenarios"
 started=$(date +%s)
 # Idle first, on fresh processes: the RSS growth is then the streams' own.
 # One event opens each stream, the next would come after 60 s.
-run idle "n=2&size=64&interval_ms=60000&format=sse" "$idle_streams" --idle-hold-ms 2000
+! want idle || run idle "n=2&size=64&interval_ms=60000&format=sse" "$idle_streams" --idle-hold-ms 2000
 for _ in $(seq "$rounds"); do
-  run typing "n=200&size=64&interval_ms=20&format=sse" 100
+  ! want typing || run typing "n=200&size=64&interval_ms=20&format=sse" 100
+  want handoff || continue
   "$load" client --scenario handoff --target ssegate --streams 100 --pid "$sg_pid" --upstream-pid "$up_pid" \
     --handoff --url "http://127.0.0.1:$sg_port/handoff/v1/stream?n=200&size=64&interval_ms=20&format=sse" \
     --spread-ms 20 >>"$results"
@@ -187,9 +192,9 @@ for _ in $(seq "$rounds"); do
 done
 # Fan-in latency is the steady state: each stream's first 10 events (its
 # first second, while 2,000 connections open) count, but not their latency.
-run fanin "n=100&size=64&interval_ms=100&format=sse" 2000 --warmup-events 10
-run flat "n=20000&size=64&interval_ms=0&format=sse" 50
-run large "n=200&size=65536&interval_ms=0&format=sse" 20
+! want fanin || run fanin "n=100&size=64&interval_ms=100&format=sse" 2000 --warmup-events 10
+! want flat || run flat "n=20000&size=64&interval_ms=0&format=sse" 50
+! want large || run large "n=200&size=65536&interval_ms=0&format=sse" 20
 echo "scenarios took $(($(date +%s) - started)) s; load average $(cut -d' ' -f1-3 /proc/loadavg); raw results: ${results#"$root"/}"
 echo
 
