@@ -14,56 +14,93 @@ pub const OPEN_COMMENT: &[u8] = b": ok\n\n";
 /// Numbers events 1, 2, 3 … and writes them.
 #[derive(Debug, Default)]
 pub struct SseEncoder {
-    last_id: u64,
+    id: EventId,
 }
 
 impl SseEncoder {
     /// A new encoder whose first event gets id 1.
     pub fn new() -> SseEncoder {
-        SseEncoder { last_id: 0 }
+        SseEncoder { id: EventId::default() }
     }
 
     /// The id of the last event written (0 before the first).
     pub fn last_id(&self) -> u64 {
-        self.last_id
-    }
-
-    /// Like [`encode`](SseEncoder::encode) for a name and data without CR or LF.
-    pub fn encode_line(&mut self, out: &mut BytesMut, name: Option<&[u8]>, data: &[u8]) -> u64 {
-        self.last_id += 1;
-        write_line_event(out, self.last_id, name, data);
-        self.last_id
+        self.id.value
     }
 
     /// Writes one event with the next id; returns that id.
     pub fn encode(&mut self, out: &mut BytesMut, name: Option<&[u8]>, data: &[u8]) -> u64 {
-        self.last_id += 1;
-        write_event(out, self.last_id, name, data);
-        self.last_id
+        self.id.increment();
+        write_event_with(out, self.id.digits(), name, data);
+        self.id.value
+    }
+
+    /// Like [`encode`](SseEncoder::encode) for a name and data without CR or
+    /// LF (the caller knows): nothing is scanned.
+    pub fn encode_line(&mut self, out: &mut BytesMut, name: Option<&[u8]>, data: &[u8]) -> u64 {
+        self.id.increment();
+        let id = self.id.digits();
+        out.reserve(16 + id.len() + name.map_or(0, |n| n.len() + 8) + data.len());
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(id);
+        if let Some(name) = name {
+            out.extend_from_slice(b"\nevent: ");
+            out.extend_from_slice(name);
+        }
+        out.extend_from_slice(b"\ndata: ");
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\n\n");
+        self.id.value
     }
 }
 
-/// Writes an event whose name and data hold no CR or LF (the caller knows):
-/// what [`write_event`] writes, without scanning the payload.
-pub fn write_line_event(out: &mut BytesMut, id: u64, name: Option<&[u8]>, data: &[u8]) {
-    let mut itoa = itoa::Buffer::new();
-    let id = itoa.format(id).as_bytes();
-    out.reserve(16 + id.len() + name.map_or(0, |n| n.len() + 8) + data.len());
-    out.put_slice(b"id: ");
-    out.put_slice(id);
-    if let Some(name) = name {
-        out.put_slice(b"\nevent: ");
-        out.put_slice(name);
+/// An event id and its decimal digits, counted up in place: the next id
+/// costs a digit or two, not a number formatted anew.
+#[derive(Debug)]
+struct EventId {
+    value: u64,
+    ascii: [u8; 20],
+    /// Where the digits start in `ascii`.
+    start: usize,
+}
+
+impl Default for EventId {
+    fn default() -> EventId {
+        EventId { value: 0, ascii: [b'0'; 20], start: 19 }
     }
-    out.put_slice(b"\ndata: ");
-    out.put_slice(data);
-    out.put_slice(b"\n\n");
+}
+
+impl EventId {
+    fn increment(&mut self) {
+        self.value += 1;
+        let mut i = self.ascii.len() - 1;
+        loop {
+            if self.ascii[i] != b'9' {
+                self.ascii[i] += 1;
+                return;
+            }
+            self.ascii[i] = b'0';
+            if i == self.start {
+                // 9…9 + 1: one more digit (u64 has at most 20).
+                self.start -= 1;
+                self.ascii[self.start] = b'1';
+                return;
+            }
+            i -= 1;
+        }
+    }
+
+    fn digits(&self) -> &[u8] {
+        &self.ascii[self.start..]
+    }
 }
 
 /// Writes `id:`, `event:` when named, and one `data:` line per payload line.
 pub fn write_event(out: &mut BytesMut, id: u64, name: Option<&[u8]>, data: &[u8]) {
-    let mut itoa = itoa::Buffer::new();
-    let id = itoa.format(id).as_bytes();
+    write_event_with(out, itoa::Buffer::new().format(id).as_bytes(), name, data);
+}
+
+fn write_event_with(out: &mut BytesMut, id: &[u8], name: Option<&[u8]>, data: &[u8]) {
     out.reserve(16 + id.len() + name.map_or(0, |n| n.len() + 8) + data.len() + 8);
     out.put_slice(b"id: ");
     out.put_slice(id);
@@ -124,6 +161,18 @@ mod tests {
         e.encode(&mut out, name.map(str::as_bytes), data.as_bytes());
         // Invalid UTF-8 would show up as U+FFFD and fail the comparison.
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn ids_count_up_in_decimal_across_every_carry() {
+        let mut id = EventId::default();
+        for n in 1..=100_500u64 {
+            id.increment();
+            assert_eq!(id.digits(), n.to_string().as_bytes());
+        }
+        let mut big = EventId { value: 0, ascii: [b'9'; 20], start: 1 };
+        big.increment();
+        assert_eq!(big.digits(), b"10000000000000000000");
     }
 
     #[test]

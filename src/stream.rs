@@ -126,10 +126,7 @@ impl EventStream {
 
     /// Drains every complete event the reframer holds into `out`.
     fn drain_events(&mut self) -> Result<(), crate::reframe::TooLarge> {
-        while self.reframer.next_event(&mut self.out)?.is_some() {
-            self.stats.events += 1;
-        }
-        Ok(())
+        self.reframer.drain(&mut self.out, &mut self.stats.events)
     }
 }
 
@@ -150,6 +147,9 @@ impl Body for EventStream {
             match this.source.poll_chunk(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.last_upstream = Instant::now();
+                    // One allocation for the frame: the events are the
+                    // chunk's bytes plus an id line each.
+                    this.out.reserve(chunk.len() + chunk.len() / 4 + 64);
                     this.reframer.feed(chunk);
                     if let Err(e) = this.drain_events() {
                         let frame = this.finish_with_error("event_too_large", &e.to_string());

@@ -379,10 +379,12 @@ proptest! {
             for e in &events {
                 enc.encode(&mut expected, e.name.as_deref(), &e.data);
             }
-            let (out, rerr, last) = reframe_bounded(Wire::Sse, max, &input, &cuts);
-            prop_assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&expected), "max {}", max);
-            prop_assert_eq!(rerr, err);
-            prop_assert_eq!(last, events.len() as u64);
+            for reframed in [reframe_bounded, reframe_drained] {
+                let (out, rerr, last) = reframed(Wire::Sse, max, &input, &cuts);
+                prop_assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&expected), "max {}", max);
+                prop_assert_eq!(rerr, err);
+                prop_assert_eq!(last, events.len() as u64);
+            }
         }
     }
 
@@ -475,6 +477,25 @@ fn reframe_bounded(wire: Wire, max: usize, input: &[u8], cuts: &[usize]) -> (Vec
         }
     }
     (out.to_vec(), None, r.last_id())
+}
+
+/// `reframe_bounded` with `Reframer::drain` (what a direct stream uses);
+/// also checks that its event count matches the ids given.
+fn reframe_drained(wire: Wire, max: usize, input: &[u8], cuts: &[usize]) -> (Vec<u8>, Option<TooLarge>, u64) {
+    let mut r = Reframer::new(wire, max);
+    let mut out = BytesMut::new();
+    let mut events = 0;
+    for chunk in pieces(input, cuts) {
+        r.feed(Bytes::copy_from_slice(chunk));
+        if let Err(e) = r.drain(&mut out, &mut events) {
+            assert_eq!(events, r.last_id());
+            return (out.to_vec(), Some(e), r.last_id());
+        }
+    }
+    r.feed_eof();
+    let err = r.drain(&mut out, &mut events).err();
+    assert_eq!(events, r.last_id());
+    (out.to_vec(), err, r.last_id())
 }
 
 // ---------------------------------------------------------------------------

@@ -126,11 +126,7 @@ impl Reframer {
     /// Hands the reframer the next upstream chunk.
     pub fn feed(&mut self, chunk: Bytes) {
         self.spill();
-        if self.buf.is_empty() {
-            self.chunk = chunk;
-        } else {
-            self.buf.extend_from_slice(&chunk);
-        }
+        self.chunk = chunk;
     }
 
     /// Moves what is left of `chunk` into `buf`, for the general decoders.
@@ -141,34 +137,94 @@ impl Reframer {
         self.chunk = Bytes::new();
     }
 
+    /// Moves the front of `chunk` into `buf`, through its next blank line
+    /// (`\n\n`, or all of it): enough to finish the event `buf` holds the
+    /// start of, so that the events after it are read from `chunk` itself.
+    fn top_up(&mut self) {
+        let take = memchr::memmem::find(&self.chunk, b"\n\n").map_or(self.chunk.len(), |i| i + 2);
+        self.buf.extend_from_slice(&self.chunk[..take]);
+        self.advance_chunk(take);
+    }
+
+    fn advance_chunk(&mut self, n: usize) {
+        self.chunk.advance(n);
+        if self.chunk.is_empty() {
+            // Let go of the upstream read buffer, so that it is reused in
+            // place for the next read.
+            self.chunk = Bytes::new();
+        }
+    }
+
     /// Marks the end of the upstream body.
     pub fn feed_eof(&mut self) {
         self.eof = true;
     }
 
     /// Encodes the next complete event into `out`; returns its id.
+    ///
+    /// SSE events of the common one-line shape are encoded straight from the
+    /// upstream chunk ([`SseDecoder::fast`]); anything else, and an event cut
+    /// between two chunks, goes through the general decoder, which sees the
+    /// same bytes in the same order.
     pub fn next_event(&mut self, out: &mut BytesMut) -> Result<Option<u64>, TooLarge> {
-        if let Decoder::Sse(d) = &self.decoder {
-            let from_chunk = !self.chunk.is_empty();
-            let src: &[u8] = if from_chunk { &self.chunk } else { &self.buf };
-            if let Some(e) = d.fast(src) {
-                let id = self.encoder.encode_line(out, e.name.map(|r| &src[r]), &src[e.data]);
-                if from_chunk {
-                    self.chunk.advance(e.len);
-                    if self.chunk.is_empty() {
-                        // Let go of the upstream read buffer, so that it is
-                        // reused in place for the next read.
-                        self.chunk = Bytes::new();
-                    }
-                } else {
-                    self.buf.advance(e.len);
+        let Decoder::Sse(_) = self.decoder else {
+            self.spill();
+            return self.general(out, self.eof);
+        };
+        loop {
+            if !self.buf.is_empty() {
+                let last = self.chunk.is_empty();
+                if let Some(id) = self.general(out, last && self.eof)? {
+                    return Ok(Some(id));
                 }
-                return Ok(Some(id));
+                if last {
+                    return Ok(None);
+                }
+                self.top_up();
+                continue;
+            }
+            if self.chunk.is_empty() {
+                return self.general(out, self.eof);
+            }
+            if let Decoder::Sse(d) = &self.decoder {
+                if let Some(e) = d.fast(&self.chunk) {
+                    let id = self.encoder.encode_line(out, e.name.map(|r| &self.chunk[r]), &self.chunk[e.data]);
+                    self.advance_chunk(e.len);
+                    return Ok(Some(id));
+                }
+            }
+            self.top_up();
+        }
+    }
+
+    /// Encodes every complete event into `out`, counting them in `events`:
+    /// [`next_event`](Reframer::next_event) in a loop, with one-line SSE
+    /// events read in a tight loop over the chunk.
+    pub fn drain(&mut self, out: &mut BytesMut, events: &mut u64) -> Result<(), TooLarge> {
+        loop {
+            if let (true, false, Decoder::Sse(d)) = (self.buf.is_empty(), self.chunk.is_empty(), &self.decoder) {
+                let mut used = 0;
+                while let Some(e) = d.fast(&self.chunk[used..]) {
+                    let event = &self.chunk[used..];
+                    self.encoder.encode_line(out, e.name.map(|r| &event[r]), &event[e.data]);
+                    used += e.len;
+                    *events += 1;
+                }
+                if used > 0 {
+                    self.advance_chunk(used);
+                    continue;
+                }
+            }
+            match self.next_event(out)? {
+                Some(_) => *events += 1,
+                None => return Ok(()),
             }
         }
-        self.spill();
-        let event =
-            if self.eof { self.decoder.decode_eof(&mut self.buf)? } else { self.decoder.decode(&mut self.buf)? };
+    }
+
+    /// The general decoder over `buf`.
+    fn general(&mut self, out: &mut BytesMut, eof: bool) -> Result<Option<u64>, TooLarge> {
+        let event = if eof { self.decoder.decode_eof(&mut self.buf)? } else { self.decoder.decode(&mut self.buf)? };
         Ok(event.map(|e| self.encoder.encode(out, e.name.as_deref(), &e.data)))
     }
 
