@@ -25,8 +25,13 @@ use http_body::Frame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Bytes read from the upstream at a time (nginx's `proxy_buffer_size`).
+/// Bytes read for a response head at a time (nginx's `proxy_buffer_size`).
 const READ_SIZE: usize = 4096;
+/// The body's read size adapts between these: it doubles while reads fill
+/// the buffer (a fast stream: fewer reads per event) and halves while they
+/// use a quarter of it (a slow one: an idle stream holds 1 KiB).
+const MIN_BODY_READ: usize = 1024;
+const MAX_BODY_READ: usize = 16 * 1024;
 /// The largest response head (and the largest trailer section) accepted.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
@@ -185,7 +190,7 @@ impl Client {
     fn response(&self, (head, io, buf, framing, reusable): Head, key: Key) -> Response<Body> {
         let reuse = reusable.then(|| (key, self.pool.clone()));
         let done = matches!(framing, Framing::Length(0) | Framing::Empty);
-        let mut body = Body { io: Some(io), buf, framing, reuse };
+        let mut body = Body { io: Some(io), buf, framing, reuse, read_size: MIN_BODY_READ };
         if done {
             body.finish();
         }
@@ -547,6 +552,8 @@ pub struct Body {
     framing: Framing,
     /// Where the connection goes when the body ends cleanly.
     reuse: Option<(Key, Pool)>,
+    /// How much to read next (`MIN_BODY_READ` to `MAX_BODY_READ`).
+    read_size: usize,
 }
 
 impl Body {
@@ -612,10 +619,15 @@ impl http_body::Body for Body {
             }
             let Some(io) = &mut this.io else { return Poll::Ready(None) };
             // A fully consumed buffer is reused in place once the chunks
-            // cut from it are dropped, so steady streaming allocates nothing.
-            if this.buf.capacity() - this.buf.len() < READ_SIZE / 4 {
-                this.buf.reserve(READ_SIZE);
+            // cut from it are dropped, so steady streaming allocates nothing;
+            // one much larger than the read size is let go.
+            if this.buf.is_empty() && this.buf.capacity() > 2 * this.read_size {
+                this.buf = BytesMut::new();
             }
+            if this.buf.capacity() - this.buf.len() < this.read_size / 4 {
+                this.buf.reserve(this.read_size);
+            }
+            let room = this.buf.capacity() - this.buf.len();
             match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut this.buf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => {
@@ -627,7 +639,13 @@ impl http_body::Body for Body {
                     this.framing = Framing::Done;
                     return Poll::Ready(Some(Err(H1Error::Eof)));
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(n)) => {
+                    if n == room {
+                        this.read_size = (this.read_size * 2).min(MAX_BODY_READ);
+                    } else if n <= this.read_size / 4 {
+                        this.read_size = (this.read_size / 2).max(MIN_BODY_READ);
+                    }
+                }
                 Poll::Ready(Err(e)) => {
                     this.io = None;
                     this.framing = Framing::Done;
