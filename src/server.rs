@@ -1,8 +1,11 @@
 //! The accept loop: a bound on open connections, TLS, the header timeout,
-//! HTTP/1.1 and HTTP/2 through hyper-util's auto builder, graceful drain.
+//! HTTP/1.1 (hyper's http1 builder when the first bytes or ALPN say so) and
+//! HTTP/2 (hyper-util's auto builder), graceful drain.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,7 +88,7 @@ pub async fn accept_loop(
 
 fn builder(app: &App) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(TokioTimer::new()).header_read_timeout(app.config.limits.header_timeout).max_buf_size(64 * 1024);
+    b.http1().timer(TokioTimer::new()).header_read_timeout(app.config.limits.header_timeout).max_buf_size(MAX_BUF);
     b.http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(20))
@@ -96,6 +99,17 @@ fn builder(app: &App) -> auto::Builder<TokioExecutor> {
         .initial_connection_window_size(4 << 20);
     b
 }
+
+/// What a connection speaks, as far as is known before hyper reads it.
+#[derive(Clone, Copy, Debug)]
+enum Proto {
+    Http1,
+    /// HTTP/2, or not told apart yet: hyper-util's auto builder decides.
+    Either,
+}
+
+/// The largest request head hyper buffers.
+const MAX_BUF: usize = 64 * 1024;
 
 struct Conn {
     peer: SocketAddr,
@@ -117,7 +131,7 @@ impl Conn {
     /// connection that never got a whole request (half a head, or a spare
     /// connection that sent only a byte) is closed 100 ms after the signal,
     /// as hyper would wait for its head.
-    async fn drive<I>(&self, io: I) -> Result<(), BoxError>
+    async fn drive<I>(&self, io: I, proto: Proto) -> Result<(), BoxError>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -138,16 +152,46 @@ impl Conn {
                 })
             })
         });
-        let conn = self.builder.serve_connection(io, svc);
-        tokio::pin!(conn);
+        match proto {
+            Proto::Http1 => {
+                let mut h1 = hyper::server::conn::http1::Builder::new();
+                h1.timer(TokioTimer::new())
+                    .header_read_timeout(self.app.config.limits.header_timeout)
+                    .max_buf_size(MAX_BUF)
+                    .max_header_size(MAX_BUF);
+                let conn = h1.serve_connection(io, svc);
+                tokio::pin!(conn);
+                self.until_done(conn, |c| c.graceful_shutdown(), &requests).await
+            }
+            Proto::Either => {
+                // Boxed: the auto builder's connection is sized for HTTP/2,
+                // which HTTP/1.1 connections need not carry.
+                let mut conn = Box::pin(self.builder.serve_connection(io, svc));
+                self.until_done(conn.as_mut(), |c| c.graceful_shutdown(), &requests).await
+            }
+        }
+    }
+
+    /// Runs `conn` until it is done; on the stop signal, `shutdown` starts
+    /// its graceful shutdown (see [`Conn::drive`]).
+    async fn until_done<F, E>(
+        &self,
+        mut conn: Pin<&mut F>,
+        shutdown: impl FnOnce(Pin<&mut F>),
+        requests: &std::sync::atomic::AtomicUsize,
+    ) -> Result<(), BoxError>
+    where
+        F: Future<Output = Result<(), E>>,
+        E: Into<BoxError>,
+    {
         // Polled only when the signal fires, not on every wake of the connection.
         let mut stop = OnWake::new(self.stop.clone().cancelled_owned());
         tokio::select! {
             biased;
-            r = conn.as_mut() => return r,
+            r = conn.as_mut() => return r.map_err(Into::into),
             _ = &mut stop => {}
         }
-        conn.as_mut().graceful_shutdown();
+        shutdown(conn.as_mut());
         let abandon = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
             if requests.load(std::sync::atomic::Ordering::Relaxed) > 0 {
@@ -155,7 +199,7 @@ impl Conn {
             }
         };
         tokio::select! {
-            r = conn.as_mut() => r,
+            r = conn.as_mut() => r.map_err(Into::into),
             _ = abandon => Ok(()),
         }
     }
@@ -169,7 +213,13 @@ impl Conn {
                     _ = self.stop.cancelled() => return,
                 };
                 match handshake {
-                    Ok(Ok(tls)) => self.drive(TokioIo::new(tls)).await,
+                    Ok(Ok(tls)) => {
+                        let proto = match tls.get_ref().1.alpn_protocol() {
+                            Some(b"http/1.1") => Proto::Http1,
+                            _ => Proto::Either,
+                        };
+                        self.drive(TokioIo::new(tls), proto).await
+                    }
                     Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => return tracing::debug!("TLS handshake timed out"),
                 }
@@ -177,17 +227,19 @@ impl Conn {
             None => {
                 // hyper's header timeout starts once it reads; a client that
                 // connects and sends nothing is dropped here.
-                let mut first = [0u8; 1];
+                let mut first = [0u8; 3];
                 let peeked = tokio::select! {
                     r = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => r,
                     _ = self.stop.cancelled() => return,
                 };
-                match peeked {
-                    Ok(Ok(n)) if n > 0 => {}
+                // Only HTTP/2 with prior knowledge starts with "PRI".
+                let proto = match peeked {
+                    Ok(Ok(n)) if n > 0 && (first[0] != b'P' || (n == 3 && &first != b"PRI")) => Proto::Http1,
+                    Ok(Ok(n)) if n > 0 => Proto::Either,
                     Ok(_) => return tracing::debug!("client closed before sending a request"),
                     Err(_) => return tracing::debug!("no request within header_timeout"),
-                }
-                self.drive(TokioIo::new(stream)).await
+                };
+                self.drive(TokioIo::new(stream), proto).await
             }
         };
         if let Err(e) = result {

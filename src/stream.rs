@@ -67,7 +67,7 @@ pub fn direct_response(
         idle: cfg.limits.idle_timeout,
         last_write: Instant::now(),
         last_upstream: Instant::now(),
-        timer: Box::pin(tokio::time::sleep(cfg.sse.keepalive.min(cfg.limits.idle_timeout))),
+        timer: OnWake::new(tokio::time::sleep(cfg.sse.keepalive.min(cfg.limits.idle_timeout))),
         deadline: OnWake::new(app.drain.clone().cancelled_owned()),
         names: Names { end: Bytes::from(cfg.sse.end_event.clone()), error: Bytes::from(cfg.sse.error_event.clone()) },
         stats: StreamStats::new(&app.metrics, route, started),
@@ -97,8 +97,8 @@ pub struct EventStream {
     /// When the upstream last sent bytes; the idle timeout is due from here.
     last_upstream: Instant,
     /// One timer for both, re-armed lazily when it fires, so an event costs
-    /// no timer re-registration.
-    timer: Pin<Box<Sleep>>,
+    /// no timer re-registration; polled only when it fired (`OnWake`).
+    timer: OnWake<Sleep>,
     deadline: OnWake<WaitForCancellationFutureOwned>,
     names: Names,
     stats: StreamStats,
@@ -195,7 +195,7 @@ impl Body for EventStream {
         }
         // Nothing from upstream: is the keep-alive or the idle timeout due?
         loop {
-            if this.timer.as_mut().poll(cx).is_pending() {
+            if Pin::new(&mut this.timer).poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let now = Instant::now();
@@ -210,10 +210,10 @@ impl Body for EventStream {
                 this.last_write = now;
                 this.stats.keepalives.inc();
                 this.stats.bytes.inc_by(KEEPALIVE.len() as u64);
-                this.timer.as_mut().reset((now + this.keepalive).min(idle_due));
+                this.timer.inner_mut().reset((now + this.keepalive).min(idle_due));
                 return Poll::Ready(Some(Ok(Frame::data(KEEPALIVE))));
             }
-            this.timer.as_mut().reset(keepalive_due.min(idle_due));
+            this.timer.inner_mut().reset(keepalive_due.min(idle_due));
         }
     }
 }

@@ -47,6 +47,15 @@ impl<F: Future> OnWake<F> {
     }
 }
 
+impl<F> OnWake<F> {
+    /// The wrapped future, to change it (a timer's deadline); it is polled
+    /// again on the next poll, so that it registers what changed.
+    pub fn inner_mut(&mut self) -> Pin<&mut F> {
+        self.polled = false;
+        self.inner.as_mut()
+    }
+}
+
 impl<F: Future> Future for OnWake<F> {
     type Output = F::Output;
 

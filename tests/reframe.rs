@@ -392,6 +392,29 @@ async fn oversized_line_ends_with_event_too_large() {
         feed.send(&first).await;
         assert_eq!(reader.until("\n\n").await, expected, "{ct}");
         feed.send(&line).await;
+        if format == Format::Text {
+            // Text has no lines: each read is a piece, and the proxy reads
+            // 1 to 16 KiB at a time. No piece over the bound is ever sent;
+            // one that is read larger ends the stream with the error.
+            feed.finish();
+            let events = parse_sse(&reader.rest().await);
+            let (last, pieces) = events.split_last().expect("no events after the big text");
+            let mut text = String::new();
+            for piece in pieces {
+                assert!(piece.event.is_none() && piece.data.len() <= 1024, "{piece:?}");
+                text.push_str(&piece.data);
+            }
+            match last.event.as_deref() {
+                Some("error") => {
+                    let v: serde_json::Value = serde_json::from_str(&last.data).expect("error data is JSON");
+                    assert_eq!(v["error"]["type"], "event_too_large");
+                    assert!(big.starts_with(&text), "the pieces are the text, in order");
+                }
+                Some("end") => assert_eq!(text, big, "read in pieces within the bound: all of it"),
+                other => panic!("the stream ended with {other:?}"),
+            }
+            continue;
+        }
         let rest = reader.rest().await;
         assert_eq!(
             split_error(&rest, 2, "error", "event_too_large"),
