@@ -27,6 +27,9 @@ pub struct StreamLog {
     /// A copy of a stream produced by another instance (the shared store).
     pub mirror: bool,
     limit: usize,
+    /// When the newest client attached (ms since the Unix epoch), so that
+    /// a takeover message sent before it does not end it.
+    attached_at: std::sync::atomic::AtomicU64,
 }
 
 /// An event handed to the shared store: id, encoded frame, whether last.
@@ -82,6 +85,7 @@ impl StreamLog {
             sink,
             mirror,
             limit,
+            attached_at: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -175,6 +179,7 @@ impl StreamLog {
     /// the stream.
     pub fn attach(&self) -> (u64, watch::Receiver<u64>) {
         self.lock().attached += 1;
+        self.attached_at.store(crate::store::unix_ms(), std::sync::atomic::Ordering::Release);
         let mut generation = 0;
         self.owner.send_modify(|g| {
             *g += 1;
@@ -194,6 +199,12 @@ impl StreamLog {
         let mut inner = self.lock();
         inner.attached = inner.attached.saturating_sub(1);
         inner.attached == 0
+    }
+
+    /// Whether the newest client attached before `ms` (Unix epoch; in the
+    /// same millisecond counts as after, and stays).
+    pub fn attached_before(&self, ms: u64) -> bool {
+        self.attached_at.load(std::sync::atomic::Ordering::Acquire) < ms
     }
 
     /// Whether a client is attached now.

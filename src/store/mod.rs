@@ -98,3 +98,8 @@ pub trait Store: Send + Sync {
     /// Whether the store answers (for `/readyz`).
     fn ready(&self) -> BoxFuture<'_, bool>;
 }
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

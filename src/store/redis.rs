@@ -177,7 +177,8 @@ impl RedisStore {
     }
 
     async fn publish_control(&self, verb: &str, token: &str) {
-        let msg = format!("{verb} {} {token}", self.instance);
+        // The send time: a client that attached after it is not ended.
+        let msg = format!("{verb} {} {} {token}", self.instance, now_ms());
         let Ok(mut conn) = self.conn().await else { return };
         let _: Result<i64, _> = conn.publish(CONTROL, msg).await;
     }
@@ -451,7 +452,7 @@ fn stop_local(log: &StreamLog) {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    crate::store::unix_ms()
 }
 
 /// Listens on the control channel: a takeover or a drop on another
@@ -475,14 +476,19 @@ async fn control(store: std::sync::Weak<RedisStore>, client: redis::Client, me: 
             while let Some(msg) = messages.next().await {
                 let Some(store) = store.upgrade() else { return };
                 let Ok(text) = msg.get_payload::<String>() else { continue };
-                let mut parts = text.splitn(3, ' ');
-                let (Some(verb), Some(from), Some(token)) = (parts.next(), parts.next(), parts.next()) else {
+                let mut parts = text.splitn(4, ' ');
+                let (Some(verb), Some(from), Some(sent), Some(token)) =
+                    (parts.next(), parts.next(), parts.next().and_then(|t| t.parse::<u64>().ok()), parts.next())
+                else {
                     continue;
                 };
                 let Some(log) = store.find(token) else { continue };
+                // A client that attached here after the message was sent
+                // is the newer one: it stays.
+                let older = log.attached_before(sent);
                 match verb {
-                    "takeover" if from != me && log.is_attached() => log.kick(),
-                    "kick" if from != me => log.kick(),
+                    "takeover" if from != me && log.is_attached() && older => log.kick(),
+                    "kick" if from != me && older => log.kick(),
                     "stop" if !log.mirror => stop_local(&log),
                     _ => {}
                 }
