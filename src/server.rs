@@ -204,26 +204,42 @@ impl Conn {
         }
     }
 
+    /// The TLS handshake, then HTTP; `None` when there was no connection
+    /// to serve (the handshake failed, timed out, or the proxy stopped).
+    async fn serve_tls(&self, acceptor: &TlsAcceptor, stream: TcpStream) -> Option<Result<(), BoxError>> {
+        let header_timeout = self.app.config.limits.header_timeout;
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(header_timeout, acceptor.accept(stream)) => r,
+            _ = self.stop.cancelled() => return None,
+        };
+        match handshake {
+            Ok(Ok(tls)) => {
+                let proto = match tls.get_ref().1.alpn_protocol() {
+                    Some(b"http/1.1") => Proto::Http1,
+                    _ => Proto::Either,
+                };
+                Some(self.drive(TokioIo::new(tls), proto).await)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake timed out");
+                None
+            }
+        }
+    }
+
     async fn serve(&self, stream: TcpStream) {
         let header_timeout = self.app.config.limits.header_timeout;
         let result = match &self.tls {
-            Some(acceptor) => {
-                let handshake = tokio::select! {
-                    r = tokio::time::timeout(header_timeout, acceptor.accept(stream)) => r,
-                    _ = self.stop.cancelled() => return,
-                };
-                match handshake {
-                    Ok(Ok(tls)) => {
-                        let proto = match tls.get_ref().1.alpn_protocol() {
-                            Some(b"http/1.1") => Proto::Http1,
-                            _ => Proto::Either,
-                        };
-                        self.drive(TokioIo::new(tls), proto).await
-                    }
-                    Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!("TLS handshake timed out"),
-                }
-            }
+            // Boxed: a TLS connection's state (rustls, the handshake) is
+            // large, and a plain connection's future would be sized for it.
+            Some(acceptor) => match Box::pin(self.serve_tls(acceptor, stream)).await {
+                Some(result) => result,
+                None => return,
+            },
             None => {
                 // hyper's header timeout starts once it reads; a client that
                 // connects and sends nothing is dropped here.

@@ -946,7 +946,8 @@ fn report(file: &std::path::Path) {
     plain(&mut table, "typing", l, "proxy CPU-s per 1M events", "proxy_cpu_s_per_m_events", 1.0, true);
     errors(&mut table, "typing", l, &["direct", "ssegate", "nginx"]);
 
-    let l = "flat out 50×20,000×64 B";
+    let flat_label = format!("flat out 50×20,000×64 B{}", median_of("flat"));
+    let l = flat_label.as_str();
     plain(&mut table, "flat", l, "events/s", "events_per_s", 1.0, false);
     plain(&mut table, "flat", l, "proxy CPU-s per 1M events", "proxy_cpu_s_per_m_events", 1.0, true);
     let kernel = |target: &str| Some(get("flat", target, "proxy_sys_s")? / get("flat", target, "proxy_cpu_s")? * 100.0);

@@ -9,8 +9,8 @@
 # LOAD_UPSTREAM_PORT 18080, LOAD_SSEGATE_PORT 18081, LOAD_NGINX_PORT 18082,
 # LOAD_ADMIN_PORT 18083. Work files, logs and the raw JSON lines of every
 # run go to target/load/. IDLE_STREAMS (default 9000) sets the idle scenario,
-# ROUNDS (default 3) how often the typing and handoff scenarios run (the
-# table shows the median), QUIET_WAIT (default 60) how many seconds to wait
+# ROUNDS (default 3) how often the typing, flat and handoff scenarios run
+# (the table shows the median), QUIET_WAIT (default 60) how many seconds to wait
 # at most for the machine to be idle before starting. SCENARIOS (default
 # "idle typing handoff fanin flat large") picks which scenarios run.
 set -euo pipefail
@@ -183,6 +183,9 @@ started=$(date +%s)
 ! want idle || run idle "n=2&size=64&interval_ms=60000&format=sse" "$idle_streams" --idle-hold-ms 2000
 for _ in $(seq "$rounds"); do
   ! want typing || run typing "n=200&size=64&interval_ms=20&format=sse" 100
+  # Flat out takes well under a second per target: it is run every round
+  # so that its CPU figure (10 ms ticks) is a median, not one reading.
+  ! want flat || run flat "n=20000&size=64&interval_ms=0&format=sse" 50
   want handoff || continue
   "$load" client --scenario handoff --target ssegate --streams 100 --pid "$sg_pid" --upstream-pid "$up_pid" \
     --handoff --url "http://127.0.0.1:$sg_port/handoff/v1/stream?n=200&size=64&interval_ms=20&format=sse" \
@@ -193,7 +196,6 @@ done
 # Fan-in latency is the steady state: each stream's first 10 events (its
 # first second, while 2,000 connections open) count, but not their latency.
 ! want fanin || run fanin "n=100&size=64&interval_ms=100&format=sse" 2000 --warmup-events 10
-! want flat || run flat "n=20000&size=64&interval_ms=0&format=sse" 50
 ! want large || run large "n=200&size=65536&interval_ms=0&format=sse" 20
 echo "scenarios took $(($(date +%s) - started)) s; load average $(cut -d' ' -f1-3 /proc/loadavg); raw results: ${results#"$root"/}"
 echo
