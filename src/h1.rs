@@ -722,17 +722,17 @@ mod tests {
 
     #[test]
     fn framing_follows_rfc_9112() -> Result<(), H1Error> {
-        let h = |pairs: &[(&str, &str)]| {
+        let h = |pairs: &[(&'static str, &'static str)]| {
             let mut m = HeaderMap::new();
             for (k, v) in pairs {
-                m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+                m.append(HeaderName::from_static(k), HeaderValue::from_static(v));
             }
             m
         };
         let v11 = Version::HTTP_11;
         let f = |method: Method, status: u16, version, headers: &HeaderMap| {
-            framing(&method, StatusCode::from_u16(status).unwrap(), version, headers)
-                .map(|(f, reuse)| (format!("{f:?}"), reuse))
+            let status = StatusCode::from_u16(status).map_err(|_| H1Error::Malformed("test status"))?;
+            framing(&method, status, version, headers).map(|(f, reuse)| (format!("{f:?}"), reuse))
         };
         assert_eq!(f(Method::HEAD, 200, v11, &h(&[("content-length", "5")]))?, ("Empty".into(), true));
         assert_eq!(f(Method::GET, 204, v11, &h(&[]))?, ("Empty".into(), true));

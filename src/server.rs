@@ -64,15 +64,7 @@ pub async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let app = current.borrow().clone();
         let tls = if side == Side::Public { app.tls.clone() } else { None };
-        let conn = Conn {
-            peer,
-            side,
-            tls,
-            builder: Arc::new(builder(&app)),
-            app,
-            current: current.clone(),
-            stop: stop.clone(),
-        };
+        let conn = Conn { peer, side, tls, app, current: current.clone(), stop: stop.clone() };
         let span = tracing::debug_span!("conn", client = %peer);
         tracker.spawn(
             async move {
@@ -119,7 +111,6 @@ struct Conn {
     app: Arc<App>,
     /// The newest generation: each request uses the one current when it arrives.
     current: watch::Receiver<Arc<App>>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
     /// Fires on SIGINT/SIGTERM: a connection that has not sent a request
     /// yet is closed at once instead of holding up the drain.
     stop: CancellationToken,
@@ -166,7 +157,9 @@ impl Conn {
             Proto::Either => {
                 // Boxed: the auto builder's connection is sized for HTTP/2,
                 // which HTTP/1.1 connections need not carry.
-                let mut conn = Box::pin(self.builder.serve_connection(io, svc));
+                // Built here, not per connection: most connections are HTTP/1.1.
+                let auto = builder(&self.app);
+                let mut conn = Box::pin(auto.serve_connection(io, svc));
                 self.until_done(conn.as_mut(), |c| c.graceful_shutdown(), &requests).await
             }
         }

@@ -114,13 +114,14 @@ impl EventStream {
         let error = self.names.error.clone();
         self.reframer.push(&mut self.out, &error, &data);
         self.stats.events += 1;
-        self.take_out()
+        self.take_out(Instant::now())
     }
 
-    fn take_out(&mut self) -> Bytes {
+    /// The frame `out` holds; `now` is when it goes out.
+    fn take_out(&mut self, now: Instant) -> Bytes {
         let frame = self.out.split().freeze();
         self.stats.wrote(frame.len());
-        self.last_write = Instant::now();
+        self.last_write = now;
         frame
     }
 
@@ -146,7 +147,8 @@ impl Body for EventStream {
         loop {
             match this.source.poll_chunk(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    this.last_upstream = Instant::now();
+                    let now = Instant::now();
+                    this.last_upstream = now;
                     // One allocation for the frame: the events are the
                     // chunk's bytes plus an id line each.
                     this.out.reserve(chunk.len() + chunk.len() / 4 + 64);
@@ -156,7 +158,7 @@ impl Body for EventStream {
                         return Poll::Ready(Some(Ok(Frame::data(frame))));
                     }
                     if !this.out.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(this.take_out()))));
+                        return Poll::Ready(Some(Ok(Frame::data(this.take_out(now)))));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -188,7 +190,7 @@ impl Body for EventStream {
                     if this.out.is_empty() {
                         return Poll::Ready(None);
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(this.take_out()))));
+                    return Poll::Ready(Some(Ok(Frame::data(this.take_out(Instant::now())))));
                 }
                 Poll::Pending => break,
             }

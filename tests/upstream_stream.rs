@@ -54,6 +54,13 @@ async fn text(resp: reqwest::Response) -> String {
     tokio::time::timeout(Duration::from_secs(10), resp.text()).await.expect("body did not end").unwrap()
 }
 
+/// Writes `bytes` upstream and returns the events the client then reads to
+/// the end of the stream.
+async fn answer(up: &mut TcpStream, request: JoinHandle<reqwest::Response>, bytes: &[u8]) -> Vec<Ev> {
+    up.write_all(bytes).await.expect("writing upstream failed");
+    parse_sse(&text(response(request).await).await)
+}
+
 /// One request as the upstream read it off the socket.
 struct Wire {
     /// The request line, without CRLF.
@@ -192,8 +199,7 @@ async fn a_pooled_connection_the_upstream_closed_is_not_reused() {
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
     read_request(&mut up).await;
-    up.write_all(&length_response("data: a\n\n")).await.unwrap();
-    let events = parse_sse(&text(response(request).await).await);
+    let events = answer(&mut up, request, &length_response("data: a\n\n")).await;
     assert_eq!(datas(&events), ["a"]);
 
     // The upstream closes the idle connection (as servers do after their
@@ -284,8 +290,7 @@ async fn close_delimited_responses_end_the_stream_normally() {
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
     read_request(&mut up).await;
-    up.write_all(&length_response("data: d\n\n")).await.unwrap();
-    let events = parse_sse(&text(response(request).await).await);
+    let events = answer(&mut up, request, &length_response("data: d\n\n")).await;
     assert_eq!(datas(&events), ["d"]);
 }
 
@@ -358,8 +363,9 @@ async fn interim_1xx_heads_before_the_final_head_are_skipped() {
     // Both in one write, and the connection is still good for the next stream.
     let request = stream_request(&proxy, "/v1/chat", "{}");
     read_request(&mut up).await;
-    up.write_all(&[&b"HTTP/1.1 100 Continue\r\n\r\n"[..], &length_response("data: c\n\n")].concat()).await.unwrap();
-    let events = parse_sse(&text(response(request).await).await);
+    let events =
+        answer(&mut up, request, &[&b"HTTP/1.1 100 Continue\r\n\r\n"[..], &length_response("data: c\n\n")].concat())
+            .await;
     assert_eq!(datas(&events), ["c"]);
 }
 
@@ -441,8 +447,7 @@ async fn a_stream_request_body_over_max_body_is_413_and_never_sent_upstream() {
     assert_eq!(first.one("content-length"), "1000");
     assert!(first.all("transfer-encoding").is_empty(), "{:?}", first.headers);
     assert_eq!(first.body, [vec![b'c'; 600], vec![b'd'; 400]].concat());
-    up.write_all(&length_response("data: ok\n\n")).await.unwrap();
-    let events = parse_sse(&text(response(request).await).await);
+    let events = answer(&mut up, request, &length_response("data: ok\n\n")).await;
     assert_eq!(datas(&events), ["ok"]);
 }
 
@@ -455,16 +460,16 @@ async fn a_response_with_connection_close_is_not_pooled() {
     let mut up = upstream.accept().await;
     read_request(&mut up).await;
     // The upstream says it will close, but leaves the socket open.
-    up.write_all(&[SSE_HEAD, b"connection: close\r\ncontent-length: 9\r\n\r\ndata: a\n\n"].concat()).await.unwrap();
-    let events = parse_sse(&text(response(request).await).await);
+    let events =
+        answer(&mut up, request, &[SSE_HEAD, b"connection: close\r\ncontent-length: 9\r\n\r\ndata: a\n\n"].concat())
+            .await;
     assert_eq!(datas(&events), ["a"]);
     // The proxy closes it, and the next stream connects anew.
     assert_closed(&mut up).await;
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
     read_request(&mut up).await;
-    up.write_all(&length_response("data: b\n\n")).await.unwrap();
-    let events = parse_sse(&text(response(request).await).await);
+    let events = answer(&mut up, request, &length_response("data: b\n\n")).await;
     assert_eq!(datas(&events), ["b"]);
 }
 
@@ -486,8 +491,7 @@ async fn a_stream_the_client_leaves_mid_body_closes_its_upstream_connection() {
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
     read_request(&mut up).await;
-    up.write_all(&length_response("data: b\n\n")).await.unwrap();
-    let events = parse_sse(&text(response(request).await).await);
+    let events = answer(&mut up, request, &length_response("data: b\n\n")).await;
     assert_eq!(datas(&events), ["b"]);
 }
 
@@ -553,8 +557,7 @@ async fn an_error_answer_read_to_its_end_leaves_the_connection_pooled() {
     assert_eq!(n, 1, "the proxy closed the upstream connection after a complete 429 instead of pooling it");
     let second = read_request(&mut up).await;
     assert_eq!(second.line, "POST /v1/retry HTTP/1.1");
-    up.write_all(&length_response("data: a\n\n")).await.unwrap();
-    let events = parse_sse(&text(response(request).await).await);
+    let events = answer(&mut up, request, &length_response("data: a\n\n")).await;
     assert_eq!(datas(&events), ["a"]);
 }
 
@@ -568,8 +571,7 @@ async fn bytes_after_a_complete_response_make_its_connection_unusable() {
     read_request(&mut up).await;
     // A whole second response nobody asked for, right behind the first.
     let smuggled = length_response("data: smuggled\n\n");
-    up.write_all(&[length_response("data: a\n\n"), smuggled].concat()).await.unwrap();
-    let events = parse_sse(&text(response(request).await).await);
+    let events = answer(&mut up, request, &[length_response("data: a\n\n"), smuggled].concat()).await;
     assert_eq!(datas(&events), ["a"]);
     assert_closed(&mut up).await;
 
@@ -577,7 +579,6 @@ async fn bytes_after_a_complete_response_make_its_connection_unusable() {
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
     read_request(&mut up).await;
-    up.write_all(&length_response("data: b\n\n")).await.unwrap();
-    let events = parse_sse(&text(response(request).await).await);
+    let events = answer(&mut up, request, &length_response("data: b\n\n")).await;
     assert_eq!(datas(&events), ["b"]);
 }

@@ -186,34 +186,33 @@ impl Reframer {
             if self.chunk.is_empty() {
                 return self.general(out, self.eof);
             }
-            if let Decoder::Sse(d) = &self.decoder {
-                if let Some(e) = d.fast(&self.chunk) {
-                    let id = self.encoder.encode_line(out, e.name.map(|r| &self.chunk[r]), &self.chunk[e.data]);
-                    self.advance_chunk(e.len);
-                    return Ok(Some(id));
-                }
+            if let Some(id) = self.fast_from_chunk(out) {
+                return Ok(Some(id));
             }
             self.top_up();
         }
     }
 
+    /// The next one-line SSE event straight from `chunk`, when nothing is
+    /// carried over in `buf` and the chunk starts with one.
+    fn fast_from_chunk(&mut self, out: &mut BytesMut) -> Option<u64> {
+        let Decoder::Sse(d) = &self.decoder else { return None };
+        if !self.buf.is_empty() {
+            return None;
+        }
+        let e = d.fast(&self.chunk)?;
+        let id = self.encoder.encode_line(out, e.name.map(|r| &self.chunk[r]), &self.chunk[e.data]);
+        self.advance_chunk(e.len);
+        Some(id)
+    }
+
     /// Encodes every complete event into `out`, counting them in `events`:
-    /// [`next_event`](Reframer::next_event) in a loop, with one-line SSE
-    /// events read in a tight loop over the chunk.
+    /// [`next_event`](Reframer::next_event) in a loop, one-line SSE events
+    /// first in a tight loop over the chunk.
     pub fn drain(&mut self, out: &mut BytesMut, events: &mut u64) -> Result<(), TooLarge> {
         loop {
-            if let (true, false, Decoder::Sse(d)) = (self.buf.is_empty(), self.chunk.is_empty(), &self.decoder) {
-                let mut used = 0;
-                while let Some(e) = d.fast(&self.chunk[used..]) {
-                    let event = &self.chunk[used..];
-                    self.encoder.encode_line(out, e.name.map(|r| &event[r]), &event[e.data]);
-                    used += e.len;
-                    *events += 1;
-                }
-                if used > 0 {
-                    self.advance_chunk(used);
-                    continue;
-                }
+            while self.fast_from_chunk(out).is_some() {
+                *events += 1;
             }
             match self.next_event(out)? {
                 Some(_) => *events += 1,
