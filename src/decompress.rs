@@ -69,7 +69,9 @@ impl Codec {
 /// The upstream body as plain bytes.
 pub struct Decoded {
     inner: UpstreamBody,
-    codec: Option<Codec>,
+    /// Boxed: most streams are not compressed, and a decoder's state is
+    /// large (it would sit in every stream's body).
+    codec: Option<Box<Codec>>,
     /// Compressed bytes not yet fed to the codec.
     pending: Bytes,
     done: bool,
@@ -78,7 +80,7 @@ pub struct Decoded {
 impl Decoded {
     /// Wraps an upstream body, decompressing per its `Content-Encoding`.
     pub fn new(inner: UpstreamBody, headers: &HeaderMap) -> Decoded {
-        Decoded { inner, codec: Codec::for_headers(headers), pending: Bytes::new(), done: false }
+        Decoded { inner, codec: Codec::for_headers(headers).map(Box::new), pending: Bytes::new(), done: false }
     }
 
     /// The next chunk of plain bytes; `None` at the end of the body.

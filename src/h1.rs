@@ -629,7 +629,14 @@ impl http_body::Body for Body {
             }
             let room = this.buf.capacity() - this.buf.len();
             match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut this.buf) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // An idle stream holds no read buffer: the next read
+                    // takes a fresh one (one allocation per burst).
+                    if this.buf.is_empty() {
+                        this.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Ok(0)) => {
                     this.io = None;
                     if matches!(this.framing, Framing::Close) {

@@ -192,7 +192,14 @@ impl Body for EventStream {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(this.take_out(Instant::now())))));
                 }
-                Poll::Pending => break,
+                Poll::Pending => {
+                    // An idle stream holds no frame buffer (the next chunk
+                    // reserves one anyway while the last frame is in flight).
+                    if this.out.capacity() > 0 && this.out.is_empty() {
+                        this.out = BytesMut::new();
+                    }
+                    break;
+                }
             }
         }
         // Nothing from upstream: is the keep-alive or the idle timeout due?
