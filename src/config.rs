@@ -44,6 +44,15 @@ pub struct ServerConfig {
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
     pub tls: Option<TlsConfig>,
+    /// Threads that serve public connections, each with its own event loop
+    /// (a connection, its upstream requests and its timers stay on one);
+    /// 0 serves them on the runtime that runs the proxy. Fixed at start.
+    pub workers: usize,
+}
+
+/// One worker per core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Default for ServerConfig {
@@ -53,6 +62,7 @@ impl Default for ServerConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
             drain_timeout: Duration::from_secs(10),
             tls: None,
+            workers: default_workers(),
         }
     }
 }
@@ -326,6 +336,9 @@ impl Config {
             if dup {
                 return Err((key("prefix"), format!("`{}` is used by an earlier route", route.prefix)));
             }
+        }
+        if self.server.workers > 1024 {
+            return fail("server.workers", "must be at most 1024 (one per core is the default)");
         }
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             return fail("server.admin_listen", "must differ from server.listen");
@@ -601,6 +614,7 @@ mod tests {
         let c = parse(ROUTE)?;
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.server.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.workers, default_workers());
         assert_eq!(c.handoff.replay_bytes, 1024 * 1024);
         assert_eq!(c.limits.max_streams, 10_000);
         assert_eq!(c.limits.first_byte_timeout, Duration::from_secs(120));

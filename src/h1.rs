@@ -70,6 +70,8 @@ struct Key {
     port: u16,
     /// Whether the URI named the port (then `Host` carries it).
     explicit_port: bool,
+    /// The worker thread whose event loop serves the connection.
+    worker: usize,
 }
 
 impl Key {
@@ -81,7 +83,13 @@ impl Key {
         };
         let host = uri.host().ok_or(H1Error::Uri("no host"))?.to_string();
         let port = uri.port_u16();
-        Ok(Key { tls, host, port: port.unwrap_or(if tls { 443 } else { 80 }), explicit_port: port.is_some() })
+        Ok(Key {
+            tls,
+            host,
+            port: port.unwrap_or(if tls { 443 } else { 80 }),
+            explicit_port: port.is_some(),
+            worker: crate::server::worker_index(),
+        })
     }
 
     /// The host without IPv6 brackets, to resolve and to check a certificate against.

@@ -231,6 +231,8 @@ pub enum StartError {
     Store(String),
     #[error("{0}: {1}")]
     Auth(String, String),
+    #[error("server.workers: cannot start the worker threads: {0}")]
+    Workers(String),
 }
 
 /// Serves until `shutdown` completes, then drains: new connections stop,
@@ -266,6 +268,7 @@ pub async fn run_with_reload(
     mut reloads: tokio::sync::mpsc::Receiver<Config>,
 ) -> Result<(), StartError> {
     let tls = tls_acceptor(&config)?;
+    let workers = server::Workers::start(config.server.workers).map_err(|e| StartError::Workers(e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
     let store = open_store(&config, &metrics).await?;
     let routes = Routes::new(&config.routes).map_err(StartError::Routes)?;
@@ -286,11 +289,21 @@ pub async fn run_with_reload(
     });
     let stop = CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
-    tracing::info!(listen = %addr(&listeners.public), admin = %addr(&listeners.admin), tls = app.tls.is_some(), "ssegate listening");
+    tracing::info!(
+        listen = %addr(&listeners.public),
+        admin = %addr(&listeners.admin),
+        tls = app.tls.is_some(),
+        workers = workers.len(),
+        "ssegate listening"
+    );
     app.ready.store(true, Ordering::Release);
     let (current_tx, current) = tokio::sync::watch::channel(app.clone());
-    let public = server::accept_loop(listeners.public, Side::Public, current.clone(), stop.clone(), &tracker);
-    let admin = server::accept_loop(listeners.admin, Side::Admin, current, stop.clone(), &tracker);
+    let workers = &workers;
+    let public =
+        server::accept_loop(listeners.public, Side::Public, current.clone(), stop.clone(), &tracker, Some(workers));
+    // Health checks and metrics stay on this runtime: a busy worker does
+    // not delay them.
+    let admin = server::accept_loop(listeners.admin, Side::Admin, current, stop.clone(), &tracker, None);
     let reloader = async {
         loop {
             tokio::select! {

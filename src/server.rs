@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,14 +34,93 @@ pub enum Side {
     Admin,
 }
 
+/// Worker threads, each running a single-threaded tokio runtime: a
+/// connection is handed to one at accept and stays there with its upstream
+/// requests, its timers and its wake-ups, as an nginx worker keeps its
+/// connections. No event crosses threads, so no thread wakes another for it.
+pub struct Workers {
+    workers: Vec<Worker>,
+    /// Ends the workers' event loops (on drop: after the drain).
+    stop: CancellationToken,
+}
+
+struct Worker {
+    handle: tokio::runtime::Handle,
+    /// Connections it serves now; a new one goes to the least busy worker.
+    open: Arc<AtomicUsize>,
+}
+
+std::thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The worker thread the caller runs on, from 1; 0 off the workers. Pools of
+/// upstream connections are kept per worker, as a socket is served by the
+/// event loop it was opened on.
+pub fn worker_index() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+impl Workers {
+    /// Starts `n` worker threads; with 0, connections are served on the
+    /// runtime that calls [`accept_loop`].
+    pub fn start(n: usize) -> std::io::Result<Workers> {
+        let stop = CancellationToken::new();
+        let mut workers = Vec::with_capacity(n);
+        for index in 1..=n {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let handle = runtime.handle().clone();
+            let stop = stop.clone();
+            std::thread::Builder::new().name(format!("ssegate-worker-{index}")).spawn(move || {
+                WORKER.with(|w| w.set(index));
+                // Runs the worker's tasks until the proxy stops; the tasks
+                // still open then are dropped with the runtime.
+                runtime.block_on(stop.cancelled());
+            })?;
+            workers.push(Worker { handle, open: Arc::new(AtomicUsize::new(0)) });
+        }
+        Ok(Workers { workers, stop })
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// The worker with the fewest open connections.
+    fn least_busy(&self) -> Option<&Worker> {
+        self.workers.iter().min_by_key(|w| w.open.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Counts a connection on its worker while it is open.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Accepts connections until `stop` fires; every connection runs on
-/// `tracker`, so that the drain can wait for them.
+/// `tracker`, so that the drain can wait for them, on the least busy of
+/// `workers` (or here when there are none).
 pub async fn accept_loop(
     listener: TcpListener,
     side: Side,
     current: watch::Receiver<Arc<App>>,
     stop: CancellationToken,
     tracker: &TaskTracker,
+    workers: Option<&Workers>,
 ) {
     // The connection bound is fixed at start; a reload changes the rest.
     let permits = Arc::new(Semaphore::new(current.borrow().config.limits.max_connections));
@@ -66,15 +146,37 @@ pub async fn accept_loop(
         let tls = if side == Side::Public { app.tls.clone() } else { None };
         let conn = Conn { peer, side, tls, app, current: current.clone(), stop: stop.clone() };
         let span = tracing::debug_span!("conn", client = %peer);
-        tracker.spawn(
+        let serve = |stream: TcpStream| {
             async move {
                 conn.app.metrics.connections_open.inc();
                 conn.serve(stream).await;
                 conn.app.metrics.connections_open.dec();
                 drop(permit);
             }
-            .instrument(span),
-        );
+            .instrument(span)
+        };
+        let Some(worker) = workers.and_then(Workers::least_busy) else {
+            tracker.spawn(serve(stream));
+            continue;
+        };
+        // The socket moves to the worker's event loop: out of this one's
+        // epoll set, into the worker's.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not hand a connection to a worker");
+                continue;
+            }
+        };
+        worker.open.fetch_add(1, Ordering::Relaxed);
+        let open = Open(worker.open.clone());
+        worker.handle.spawn(tracker.track_future(async move {
+            let _open = open;
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve(stream).await,
+                Err(e) => tracing::warn!(error = %e, "a worker could not take a connection"),
+            }
+        }));
     }
 }
 
@@ -129,11 +231,11 @@ impl Conn {
         let info = ConnInfo { peer: self.peer, tls: self.tls.is_some() };
         let current = self.current.clone();
         let side = self.side;
-        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
         let counted = requests.clone();
         let svc = service_fn(move |req| {
             let app = current.borrow().clone();
-            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            counted.fetch_add(1, Ordering::Relaxed);
             // Boxed: hyper keeps the slot for the request future for as long
             // as the connection lives; a stream is idle in it for minutes.
             Box::pin(async move {
@@ -171,7 +273,7 @@ impl Conn {
         &self,
         mut conn: Pin<&mut F>,
         shutdown: impl FnOnce(Pin<&mut F>),
-        requests: &std::sync::atomic::AtomicUsize,
+        requests: &AtomicUsize,
     ) -> Result<(), BoxError>
     where
         F: Future<Output = Result<(), E>>,
@@ -187,7 +289,7 @@ impl Conn {
         shutdown(conn.as_mut());
         let abandon = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if requests.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            if requests.load(Ordering::Relaxed) > 0 {
                 std::future::pending::<()>().await;
             }
         };

@@ -4,7 +4,7 @@
 //! signals it also waits on (a `CancellationToken` shared by every stream)
 //! take a lock shared by all streams each time they are polled. Wrapped in
 //! [`OnWake`], such a future is polled once to register, and again only
-//! after its own waker fired, so a chunk costs two atomic operations for it.
+//! after its own waker fired, so a chunk costs one atomic load for it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +20,8 @@ pub struct OnWake<F> {
     signal: Arc<Signal>,
     /// The waker handed to `inner` (it wakes `signal`).
     waker: Waker,
+    /// The task's waker `signal` holds, to skip registering it again.
+    task: Option<Waker>,
     polled: bool,
 }
 
@@ -43,7 +45,7 @@ impl<F: Future> OnWake<F> {
     pub fn new(inner: F) -> OnWake<F> {
         let signal = Arc::new(Signal { fired: AtomicBool::new(false), task: AtomicWaker::new() });
         let waker = Waker::from(signal.clone());
-        OnWake { inner: Box::pin(inner), signal, waker, polled: false }
+        OnWake { inner: Box::pin(inner), signal, waker, task: None, polled: false }
     }
 }
 
@@ -61,7 +63,16 @@ impl<F: Future> Future for OnWake<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
+        let same = this.task.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        // Only a wake takes the stored waker, and it sets `fired` first: not
+        // fired, the same task's waker is still there and nothing is to do.
+        if this.polled && same && !this.signal.fired.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
         this.signal.task.register(cx.waker());
+        if !same {
+            this.task = Some(cx.waker().clone());
+        }
         if this.polled && !this.signal.fired.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
@@ -118,6 +129,26 @@ mod tests {
         assert_eq!(woken.0.load(Ordering::SeqCst), 1);
         assert!(wrapped.as_mut().poll(&mut cx).is_ready());
         assert_eq!(polls.load(Ordering::SeqCst), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn every_wake_reaches_a_task_that_polls_with_the_same_waker() -> Result<(), &'static str> {
+        let stored = Arc::new(std::sync::Mutex::new(None::<Waker>));
+        let probe = Probe { polls: Arc::default(), open: Arc::default(), waker: stored.clone() };
+        let mut wrapped = Box::pin(OnWake::new(probe));
+        let (task_waker, woken) = counting_waker();
+        let mut cx = Context::from_waker(&task_waker);
+        for round in 1..=3 {
+            // Polls without a wake skip the registration; the wake still
+            // reaches the task, and the poll after it registers again.
+            for _ in 0..3 {
+                assert!(wrapped.as_mut().poll(&mut cx).is_pending());
+            }
+            let inner = stored.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or("no waker")?;
+            inner.wake();
+            assert_eq!(woken.0.load(Ordering::SeqCst), round, "wake {round} was lost");
+        }
         Ok(())
     }
 

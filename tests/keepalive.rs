@@ -19,7 +19,11 @@ async fn next(resp: &mut reqwest::Response, start: Instant) -> Option<(u64, Stri
 async fn keepalive_every_15s_of_silence_reset_by_each_write_then_idle_timeout() {
     let mut upstream = ManualUpstream::start(200, &[("content-type", "text/event-stream")]).await;
     // The contract's defaults: keepalive 15s, idle_timeout 120s.
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let mut config = support::config(upstream.addr);
+    // Served on this runtime, whose clock is paused: the worker threads'
+    // runtimes keep real time.
+    config.server.workers = 0;
+    let proxy = Proxy::start(config).await;
     let mut resp =
         client().get(proxy.url("/v1/chat")).header("accept", "text/event-stream").send().await.expect("request");
     let feed = upstream.next().await;

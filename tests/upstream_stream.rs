@@ -141,6 +141,15 @@ fn error_event(ev: &Ev) -> String {
     error_type(&ev.data)
 }
 
+/// The test config with one worker thread: each worker keeps its own pool
+/// of upstream connections, and these tests say which connection a request
+/// goes on, so all of a test's client connections share one pool.
+fn one_worker(upstream: std::net::SocketAddr) -> ssegate::config::Config {
+    let mut config = support::config(upstream);
+    config.server.workers = 1;
+    config
+}
+
 /// A 200 event-stream response with a `content-length` body.
 fn length_response(body: &str) -> Vec<u8> {
     let mut out = SSE_HEAD.to_vec();
@@ -151,7 +160,7 @@ fn length_response(body: &str) -> Vec<u8> {
 #[tokio::test]
 async fn two_streams_in_a_row_reuse_one_upstream_connection() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
     let host = format!("127.0.0.1:{}", upstream.addr.port());
 
     let body = r#"{"prompt":"one"}"#;
@@ -194,7 +203,7 @@ async fn two_streams_in_a_row_reuse_one_upstream_connection() {
 #[tokio::test]
 async fn a_pooled_connection_the_upstream_closed_is_not_reused() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
@@ -222,7 +231,7 @@ async fn a_pooled_connection_the_upstream_closed_is_not_reused() {
 #[tokio::test]
 async fn chunked_responses_with_extensions_and_trailers_arrive_whole_and_the_connection_is_reused() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
@@ -277,7 +286,7 @@ async fn close_delimited(upstream: &mut RawUpstream, proxy: &Proxy, version: &st
 #[tokio::test]
 async fn close_delimited_responses_end_the_stream_normally() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     for version in ["HTTP/1.1", "HTTP/1.0"] {
         let events = close_delimited(&mut upstream, &proxy, version).await;
@@ -297,7 +306,7 @@ async fn close_delimited_responses_end_the_stream_normally() {
 #[tokio::test]
 async fn a_malformed_chunk_size_mid_stream_is_an_upstream_reset_error_event() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
@@ -324,7 +333,7 @@ async fn a_malformed_chunk_size_mid_stream_is_an_upstream_reset_error_event() {
 #[tokio::test]
 async fn a_content_length_body_cut_short_is_an_upstream_reset_error_event() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
@@ -345,7 +354,7 @@ async fn a_content_length_body_cut_short_is_an_upstream_reset_error_event() {
 #[tokio::test]
 async fn interim_1xx_heads_before_the_final_head_are_skipped() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
@@ -372,7 +381,7 @@ async fn interim_1xx_heads_before_the_final_head_are_skipped() {
 #[tokio::test]
 async fn a_response_head_over_64_kib_is_502_upstream_unavailable() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     // Under the bound (60 KiB of headers) the stream works.
     let request = stream_request(&proxy, "/v1/chat", "{}");
@@ -454,7 +463,7 @@ async fn a_stream_request_body_over_max_body_is_413_and_never_sent_upstream() {
 #[tokio::test]
 async fn a_response_with_connection_close_is_not_pooled() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
@@ -476,7 +485,7 @@ async fn a_response_with_connection_close_is_not_pooled() {
 #[tokio::test]
 async fn a_stream_the_client_leaves_mid_body_closes_its_upstream_connection() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
@@ -527,7 +536,7 @@ async fn connect_timeout_covers_the_tls_handshake() {
 #[tokio::test]
 async fn an_error_answer_read_to_its_end_leaves_the_connection_pooled() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     // A 429 to a stream request is passed through as it is, then the
     // retry comes on the same socket.
@@ -564,7 +573,7 @@ async fn an_error_answer_read_to_its_end_leaves_the_connection_pooled() {
 #[tokio::test]
 async fn bytes_after_a_complete_response_make_its_connection_unusable() {
     let mut upstream = RawUpstream::start().await;
-    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     let request = stream_request(&proxy, "/v1/chat", "{}");
     let mut up = upstream.accept().await;
