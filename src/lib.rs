@@ -209,13 +209,27 @@ impl Listeners {
     /// Binds both addresses of a config.
     pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
         let bind = |addr: std::net::SocketAddr, key: &'static str| async move {
-            TcpListener::bind(addr).await.map_err(|e| StartError::Bind { key, addr, reason: e.to_string() })
+            listen(addr).map_err(|e| StartError::Bind { key, addr, reason: e.to_string() })
         };
         Ok(Listeners {
             public: bind(config.server.listen, "server.listen").await?,
             admin: bind(config.server.admin_listen, "server.admin_listen").await?,
         })
     }
+}
+
+/// Connections the kernel queues before they are accepted: 2,000 clients
+/// that connect at once must not overflow it (a dropped SYN costs the
+/// client a 1 s retransmit). The kernel caps it at `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
+
+/// A listener on `addr`, as `TcpListener::bind` makes one but with
+/// [`BACKLOG`] instead of 1,024.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Why the proxy could not start.

@@ -173,3 +173,45 @@ async fn shutdown_with_nothing_open_returns_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5), "drain waited for an idle connection");
     drop(c);
 }
+
+/// Raises this process's open-files limit to its hard limit (the test opens
+/// more sockets than a default soft limit of 1,024 allows).
+fn raise_open_files() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    lim.rlim_cur
+}
+
+#[tokio::test]
+async fn a_burst_of_1500_connects_is_queued_without_a_dropped_syn() {
+    let limit = raise_open_files();
+    assert!(limit >= 1_600, "the test needs 1,600 open files; the hard limit is {limit}");
+    let mut config = support::config("127.0.0.1:9".parse().expect("addr"));
+    config.server.listen = "127.0.0.1:0".parse().expect("addr");
+    config.server.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    // Bound and not accepting yet, as the proxy is while it is busy: every
+    // connect must complete from the kernel's queue. With a backlog of
+    // 1,024 the rest wait for a SYN retransmit, 1 s later.
+    let listeners = ssegate::Listeners::bind(&config).await.expect("bind");
+    let addr = listeners.public.local_addr().expect("addr");
+    let started = Instant::now();
+    let connects: Vec<_> = (0..1_500).map(|_| tokio::spawn(TcpStream::connect(addr))).collect();
+    let mut open = Vec::with_capacity(connects.len());
+    for c in connects {
+        let stream = tokio::time::timeout(Duration::from_millis(900), c)
+            .await
+            .expect("a connect waited for a SYN retransmit: the listen backlog overflowed")
+            .expect("join")
+            .expect("connect");
+        open.push(stream);
+    }
+    assert_eq!(open.len(), 1_500);
+    assert!(started.elapsed() < Duration::from_millis(900), "took {:?}", started.elapsed());
+}
