@@ -83,6 +83,11 @@ impl Decoded {
         Decoded { inner, codec: Codec::for_headers(headers).map(Box::new), pending: Bytes::new(), done: false }
     }
 
+    /// Lets go of the upstream body's empty read buffer (a quiet stream's).
+    pub fn trim(&mut self) {
+        self.inner.trim();
+    }
+
     /// The next chunk of plain bytes; `None` at the end of the body.
     pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, ChunkError>>> {
         loop {

@@ -578,6 +578,15 @@ impl Body {
         self.buf = BytesMut::new();
     }
 
+    /// Lets go of the read buffer if it holds nothing: a stream that has
+    /// been quiet for a while keeps no buffer, and one that is busy reuses
+    /// the same one read after read.
+    pub fn trim(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// What the buffered bytes hold, by the framing.
     fn step(&mut self) -> Result<Step, H1Error> {
         match &mut self.framing {
@@ -637,14 +646,8 @@ impl http_body::Body for Body {
             }
             let room = this.buf.capacity() - this.buf.len();
             match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut this.buf) {
-                Poll::Pending => {
-                    // An idle stream holds no read buffer: the next read
-                    // takes a fresh one (one allocation per burst).
-                    if this.buf.is_empty() {
-                        this.buf = BytesMut::new();
-                    }
-                    return Poll::Pending;
-                }
+                // A quiet stream's reader lets go of the buffer (`trim`).
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => {
                     this.io = None;
                     if matches!(this.framing, Framing::Close) {

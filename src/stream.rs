@@ -29,6 +29,12 @@ use crate::sse::KEEPALIVE;
 use crate::wake::OnWake;
 use crate::App;
 
+/// How long a stream is quiet before it lets go of its read and frame
+/// buffers. A busy stream reuses them from event to event (no allocation
+/// per event); an idle one, most of a stream's life at typing pace between
+/// answers or while a model thinks, holds none.
+const TRIM_AFTER: Duration = Duration::from_secs(1);
+
 /// The head every event stream is sent with.
 pub fn event_stream_head(head: &mut response::Parts) {
     head.status = StatusCode::OK;
@@ -67,7 +73,8 @@ pub fn direct_response(
         idle: cfg.limits.idle_timeout,
         last_write: Instant::now(),
         last_upstream: Instant::now(),
-        timer: OnWake::new(tokio::time::sleep(cfg.sse.keepalive.min(cfg.limits.idle_timeout))),
+        timer: OnWake::new(tokio::time::sleep(cfg.sse.keepalive.min(cfg.limits.idle_timeout).min(TRIM_AFTER))),
+        trimmed: false,
         deadline: OnWake::new(app.drain.clone().cancelled_owned()),
         names: Names { end: Bytes::from(cfg.sse.end_event.clone()), error: Bytes::from(cfg.sse.error_event.clone()) },
         stats: StreamStats::new(&app.metrics, route, started),
@@ -96,10 +103,13 @@ pub struct EventStream {
     last_write: Instant,
     /// When the upstream last sent bytes; the idle timeout is due from here.
     last_upstream: Instant,
-    /// One timer for both, re-armed lazily when it fires, so an event costs
-    /// no timer re-registration; polled only when it fired (`OnWake`).
+    /// One timer for both and for `TRIM_AFTER`, re-armed lazily when it
+    /// fires, so an event costs no timer re-registration; polled only when
+    /// it fired (`OnWake`).
     timer: OnWake<Sleep>,
     deadline: OnWake<WaitForCancellationFutureOwned>,
+    /// Whether the buffers were let go since the upstream last sent bytes.
+    trimmed: bool,
     names: Names,
     stats: StreamStats,
     _slot: (crate::StreamSlot, Option<crate::ClientSlot>),
@@ -149,6 +159,7 @@ impl Body for EventStream {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let now = Instant::now();
                     this.last_upstream = now;
+                    this.trimmed = false;
                     // One allocation for the frame: the events are the
                     // chunk's bytes plus an id line each.
                     this.out.reserve(chunk.len() + chunk.len() / 4 + 64);
@@ -192,14 +203,7 @@ impl Body for EventStream {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(this.take_out(Instant::now())))));
                 }
-                Poll::Pending => {
-                    // An idle stream holds no frame buffer (the next chunk
-                    // reserves one anyway while the last frame is in flight).
-                    if this.out.capacity() > 0 && this.out.is_empty() {
-                        this.out = BytesMut::new();
-                    }
-                    break;
-                }
+                Poll::Pending => break,
             }
         }
         // Nothing from upstream: is the keep-alive or the idle timeout due?
@@ -214,15 +218,27 @@ impl Body for EventStream {
                 let frame = this.finish_with_error("upstream_timeout", &msg);
                 return Poll::Ready(Some(Ok(Frame::data(frame))));
             }
+            // Quiet for TRIM_AFTER: the buffers a busy stream reuses from
+            // event to event are let go, so an idle stream holds none.
+            let trim_due = this.last_upstream + TRIM_AFTER;
+            if !this.trimmed && now >= trim_due {
+                this.trimmed = true;
+                this.out = BytesMut::new();
+                this.source.trim();
+            }
             let keepalive_due = this.last_write + this.keepalive;
+            let mut next = idle_due;
+            if !this.trimmed {
+                next = next.min(trim_due);
+            }
             if now >= keepalive_due {
                 this.last_write = now;
                 this.stats.keepalives.inc();
                 this.stats.bytes.inc_by(KEEPALIVE.len() as u64);
-                this.timer.inner_mut().reset((now + this.keepalive).min(idle_due));
+                this.timer.inner_mut().reset((now + this.keepalive).min(next));
                 return Poll::Ready(Some(Ok(Frame::data(KEEPALIVE))));
             }
-            this.timer.inner_mut().reset(keepalive_due.min(idle_due));
+            this.timer.inner_mut().reset(keepalive_due.min(next));
         }
     }
 }

@@ -33,6 +33,15 @@ pub enum UpstreamBody {
     Stream(crate::h1::Body),
 }
 
+impl UpstreamBody {
+    /// Lets go of an empty read buffer (a quiet stream's), where there is one.
+    pub fn trim(&mut self) {
+        if let UpstreamBody::Stream(b) = self {
+            b.trim();
+        }
+    }
+}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{client, ManualUpstream, Proxy};
+use support::{client, Feed, ManualUpstream, Proxy};
 use tokio::time::Instant;
 
 /// Reads the next chunk of the response and the virtual time it came at.
@@ -15,19 +15,24 @@ async fn next(resp: &mut reqwest::Response, start: Instant) -> Option<(u64, Stri
     Some((start.elapsed().as_secs(), String::from_utf8(chunk.to_vec()).expect("UTF-8")))
 }
 
-#[tokio::test(start_paused = true)]
-async fn keepalive_every_15s_of_silence_reset_by_each_write_then_idle_timeout() {
+/// A stream through a proxy with the default config, its upstream fed by
+/// hand, and the virtual time it opened at.
+async fn open_stream() -> (ManualUpstream, Proxy, reqwest::Response, Feed, Instant) {
     let mut upstream = ManualUpstream::start(200, &[("content-type", "text/event-stream")]).await;
-    // The contract's defaults: keepalive 15s, idle_timeout 120s.
     let mut config = support::config(upstream.addr);
     // Served on this runtime, whose clock is paused: the worker threads'
     // runtimes keep real time.
     config.server.workers = 0;
     let proxy = Proxy::start(config).await;
-    let mut resp =
-        client().get(proxy.url("/v1/chat")).header("accept", "text/event-stream").send().await.expect("request");
+    let resp = client().get(proxy.url("/v1/chat")).header("accept", "text/event-stream").send().await.expect("request");
     let feed = upstream.next().await;
-    let start = Instant::now();
+    (upstream, proxy, resp, feed, Instant::now())
+}
+
+#[tokio::test(start_paused = true)]
+async fn keepalive_every_15s_of_silence_reset_by_each_write_then_idle_timeout() {
+    // The contract's defaults: keepalive 15s, idle_timeout 120s.
+    let (_upstream, _proxy, mut resp, feed, start) = open_stream().await;
 
     feed.send("data: a\n\n").await;
     assert_eq!(next(&mut resp, start).await, Some((0, "id: 1\ndata: a\n\n".into())));
@@ -56,4 +61,19 @@ async fn keepalive_every_15s_of_silence_reset_by_each_write_then_idle_timeout() 
     assert_eq!(next(&mut resp, start).await, None, "the stream ends after the error event");
     // The model's request was closed, so it stops generating.
     feed.closed().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_event_cut_by_a_long_pause_arrives_whole_after_the_buffers_were_let_go() {
+    let (_upstream, _proxy, mut resp, feed, start) = open_stream().await;
+
+    feed.send("data: a\n\ndata: hel").await;
+    assert_eq!(next(&mut resp, start).await, Some((0, "id: 1\ndata: a\n\n".into())));
+    // Quiet for 5 s: the stream lets go of its read and frame buffers after
+    // 1 s; the half event it holds is kept, and completed by the next read.
+    tokio::time::sleep_until(start + Duration::from_secs(5)).await;
+    feed.send("lo\n\ndata: b\n\n").await;
+    assert_eq!(next(&mut resp, start).await, Some((5, "id: 2\ndata: hello\n\nid: 3\ndata: b\n\n".into())));
+    feed.send("data: c\n\n").await;
+    assert_eq!(next(&mut resp, start).await, Some((5, "id: 4\ndata: c\n\n".into())));
 }
