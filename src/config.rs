@@ -665,5 +665,9 @@ mod tests {
         assert_eq!((err.key.as_str(), err.line), ("routes[0].prefix", Some(2)));
         let err = parse(&format!("{ROUTE}[[routes]]\nprefix = \"/b\"\nupstream = \"ftp://x\"\n")).unwrap_err();
         assert_eq!((err.key.as_str(), err.line), ("routes[1].upstream", Some(6)));
+        let err = parse(&format!("[server]\nworkers = 5000\n{ROUTE}")).unwrap_err();
+        assert_eq!(err.key, "server.workers");
+        let err = parse(&format!("[server]\nworkers = -1\n{ROUTE}")).unwrap_err();
+        assert_eq!((err.key.as_str(), err.line), ("server.workers", Some(2)), "{err}");
     }
 }
