@@ -184,7 +184,12 @@ impl Reframer {
                 continue;
             }
             if self.chunk.is_empty() {
-                return self.general(out, self.eof);
+                // Nothing new to decode: only the end of the body can
+                // complete an event (a last one without its blank line).
+                if !self.eof {
+                    return Ok(None);
+                }
+                return self.general(out, true);
             }
             if let Some(id) = self.fast_from_chunk(out) {
                 return Ok(Some(id));
