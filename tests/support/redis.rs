@@ -168,7 +168,11 @@ pub struct Instance {
 }
 
 impl Instance {
-    pub async fn start(config: Config) -> Instance {
+    pub async fn start(mut config: Config) -> Instance {
+        // Everything on the instance's own runtime, so that `kill` stops all
+        // of it at once, as a crash would: worker threads would go on
+        // serving for a moment after the runtime that owns them is gone.
+        config.server.workers = 0;
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
