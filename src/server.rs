@@ -62,11 +62,16 @@ impl Workers {
     pub fn start(n: usize) -> std::io::Result<Workers> {
         let stop = CancellationToken::new();
         let mut handles = Vec::with_capacity(n);
+        // The workers log where the caller logs, also when that is a
+        // subscriber set for this thread only (an embedding, a test).
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         for index in 1..=n {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(runtime.handle().clone());
             let stop = stop.clone();
+            let dispatch = dispatch.clone();
             std::thread::Builder::new().name(format!("ssegate-worker-{index}")).spawn(move || {
+                let _logs = tracing::dispatcher::set_default(&dispatch);
                 WORKER.with(|w| w.set(index));
                 // Runs the worker's tasks until the proxy stops; the tasks
                 // still open then are dropped with the runtime.
