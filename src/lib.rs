@@ -312,11 +312,12 @@ pub async fn run_with_reload(
     );
     app.ready.store(true, Ordering::Release);
     let (current_tx, current) = tokio::sync::watch::channel(app.clone());
-    let public = server::serve_public(listeners.public, current.clone(), stop.clone(), &tracker, &workers);
+    let workers = &workers;
+    let public =
+        server::accept_loop(listeners.public, Side::Public, current.clone(), stop.clone(), &tracker, Some(workers));
     // Health checks and metrics stay on this runtime: a busy worker does
     // not delay them.
-    let permits = server::permits(&current);
-    let admin = server::accept_loop(listeners.admin, Side::Admin, current, stop.clone(), tracker.clone(), permits);
+    let admin = server::accept_loop(listeners.admin, Side::Admin, current, stop.clone(), &tracker, None);
     let reloader = async {
         loop {
             tokio::select! {

@@ -34,15 +34,20 @@ pub enum Side {
     Admin,
 }
 
-/// Worker threads, each running a single-threaded tokio runtime with its
-/// own accept loop on the shared listener: a connection stays on the worker
-/// that accepted it, with its upstream requests, its timers and its
-/// wake-ups, as an nginx worker keeps its connections. No event crosses
-/// threads, so no thread wakes another for it.
+/// Worker threads, each running a single-threaded tokio runtime: a
+/// connection is handed to one at accept and stays there with its upstream
+/// requests, its timers and its wake-ups, as an nginx worker keeps its
+/// connections. No event crosses threads, so no thread wakes another for it.
 pub struct Workers {
-    handles: Vec<tokio::runtime::Handle>,
+    workers: Vec<Worker>,
     /// Ends the workers' event loops (on drop: after the drain).
     stop: CancellationToken,
+}
+
+struct Worker {
+    handle: tokio::runtime::Handle,
+    /// Connections it serves now; a new one goes to the least busy worker.
+    open: Arc<AtomicUsize>,
 }
 
 std::thread_local! {
@@ -58,16 +63,16 @@ pub fn worker_index() -> usize {
 
 impl Workers {
     /// Starts `n` worker threads; with 0, connections are served on the
-    /// runtime that calls [`serve_public`].
+    /// runtime that calls [`accept_loop`].
     pub fn start(n: usize) -> std::io::Result<Workers> {
         let stop = CancellationToken::new();
-        let mut handles = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
         // The workers log where the caller logs, also when that is a
         // subscriber set for this thread only (an embedding, a test).
         let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         for index in 1..=n {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            handles.push(runtime.handle().clone());
+            let handle = runtime.handle().clone();
             let stop = stop.clone();
             let dispatch = dispatch.clone();
             std::thread::Builder::new().name(format!("ssegate-worker-{index}")).spawn(move || {
@@ -77,16 +82,22 @@ impl Workers {
                 // still open then are dropped with the runtime.
                 runtime.block_on(stop.cancelled());
             })?;
+            workers.push(Worker { handle, open: Arc::new(AtomicUsize::new(0)) });
         }
-        Ok(Workers { handles, stop })
+        Ok(Workers { workers, stop })
     }
 
     pub fn len(&self) -> usize {
-        self.handles.len()
+        self.workers.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
+        self.workers.is_empty()
+    }
+
+    /// The worker with the fewest open connections.
+    fn least_busy(&self) -> Option<&Worker> {
+        self.workers.iter().min_by_key(|w| w.open.load(Ordering::Relaxed))
     }
 }
 
@@ -96,61 +107,28 @@ impl Drop for Workers {
     }
 }
 
-/// Serves the public listener until `stop` fires: an accept loop on each
-/// worker (each polls its own copy of the listening socket, and whichever
-/// is free takes the next connection), or one here when there are none.
-pub async fn serve_public(
-    listener: TcpListener,
-    current: watch::Receiver<Arc<App>>,
-    stop: CancellationToken,
-    tracker: &TaskTracker,
-    workers: &Workers,
-) {
-    let permits = permits(&current);
-    if workers.is_empty() {
-        return accept_loop(listener, Side::Public, current, stop, tracker.clone(), permits).await;
-    }
-    let listener = match listener.into_std() {
-        Ok(l) => l,
-        Err(e) => return tracing::error!(error = %e, "cannot hand the listener to the workers"),
-    };
-    let mut loops = Vec::with_capacity(workers.len());
-    for handle in &workers.handles {
-        let copy = match listener.try_clone() {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot hand the listener to a worker");
-                continue;
-            }
-        };
-        let (current, stop, tracker, permits) = (current.clone(), stop.clone(), tracker.clone(), permits.clone());
-        loops.push(handle.spawn(async move {
-            match TcpListener::from_std(copy) {
-                Ok(l) => accept_loop(l, Side::Public, current, stop, tracker, permits).await,
-                Err(e) => tracing::error!(error = %e, "a worker cannot listen"),
-            }
-        }));
-    }
-    for l in loops {
-        let _ = l.await;
-    }
-}
+/// Counts a connection on its worker while it is open.
+struct Open(Arc<AtomicUsize>);
 
-/// The bound on open connections, fixed at start (a reload changes the rest).
-pub fn permits(current: &watch::Receiver<Arc<App>>) -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(current.borrow().config.limits.max_connections))
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Accepts connections until `stop` fires; every connection runs on
-/// `tracker` (on this runtime), so that the drain can wait for them.
+/// `tracker`, so that the drain can wait for them, on the least busy of
+/// `workers` (or here when there are none).
 pub async fn accept_loop(
     listener: TcpListener,
     side: Side,
     current: watch::Receiver<Arc<App>>,
     stop: CancellationToken,
-    tracker: TaskTracker,
-    permits: Arc<Semaphore>,
+    tracker: &TaskTracker,
+    workers: Option<&Workers>,
 ) {
+    // The connection bound is fixed at start; a reload changes the rest.
+    let permits = Arc::new(Semaphore::new(current.borrow().config.limits.max_connections));
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -173,19 +151,37 @@ pub async fn accept_loop(
         let tls = if side == Side::Public { app.tls.clone() } else { None };
         let conn = Conn { peer, side, tls, app, current: current.clone(), stop: stop.clone() };
         let span = tracing::debug_span!("conn", client = %peer);
-        tracker.spawn(
+        let serve = |stream: TcpStream| {
             async move {
                 conn.app.metrics.connections_open.inc();
                 conn.serve(stream).await;
                 conn.app.metrics.connections_open.dec();
                 drop(permit);
             }
-            .instrument(span),
-        );
-        // One connection per turn: the new connection's request is read
-        // before the next accept, and another worker that is free meanwhile
-        // takes the next one (nginx's multi_accept off).
-        tokio::task::yield_now().await;
+            .instrument(span)
+        };
+        let Some(worker) = workers.and_then(Workers::least_busy) else {
+            tracker.spawn(serve(stream));
+            continue;
+        };
+        // The socket moves to the worker's event loop: out of this one's
+        // epoll set, into the worker's.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not hand a connection to a worker");
+                continue;
+            }
+        };
+        worker.open.fetch_add(1, Ordering::Relaxed);
+        let open = Open(worker.open.clone());
+        worker.handle.spawn(tracker.track_future(async move {
+            let _open = open;
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve(stream).await,
+                Err(e) => tracing::warn!(error = %e, "a worker could not take a connection"),
+            }
+        }));
     }
 }
 
