@@ -254,9 +254,13 @@ impl Client {
 fn checkin(pool: &Pool, key: Key, io: Io) {
     let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
     let idle = pool.entry(key).or_default();
-    idle.retain(|(_, since)| since.elapsed() < POOL_IDLE);
+    // Oldest first (each goes in at the back): only the front can have
+    // expired, so one clock read prunes them.
+    let now = Instant::now();
+    let expired = idle.iter().take_while(|(_, since)| now.duration_since(*since) >= POOL_IDLE).count();
+    idle.drain(..expired);
     if idle.len() < POOL_PER_UPSTREAM {
-        idle.push((io, Instant::now()));
+        idle.push((io, now));
     }
 }
 

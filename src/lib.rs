@@ -124,8 +124,10 @@ impl App {
     /// identity for `streams_per_client`: the JWT `sub`, else its address.
     pub fn authenticate(&self, headers: &http::HeaderMap, peer: std::net::SocketAddr) -> Result<String, error::Error> {
         match &self.auth {
-            Some(auth) => Ok(auth.verify(headers)?.sub.map_or_else(|| peer.ip().to_string(), |s| format!("sub:{s}"))),
-            None => Ok(peer.ip().to_string()),
+            Some(auth) => {
+                Ok(auth.verify(headers)?.sub.map_or_else(|| proxy::ip_text(peer.ip()), |s| format!("sub:{s}")))
+            }
+            None => Ok(proxy::ip_text(peer.ip())),
         }
     }
 
