@@ -141,6 +141,20 @@ fn error_event(ev: &Ev) -> String {
     error_type(&ev.data)
 }
 
+/// A stream request through `proxy`, the upstream connection it came on,
+/// and the request as the upstream read it.
+async fn sent(
+    upstream: &mut RawUpstream,
+    proxy: &Proxy,
+    path: &str,
+    body: &str,
+) -> (JoinHandle<reqwest::Response>, TcpStream, Wire) {
+    let request = stream_request(proxy, path, body);
+    let mut up = upstream.accept().await;
+    let wire = read_request(&mut up).await;
+    (request, up, wire)
+}
+
 /// The test config with one worker thread: each worker keeps its own pool
 /// of upstream connections, and these tests say which connection a request
 /// goes on, so all of a test's client connections share one pool.
@@ -164,9 +178,7 @@ async fn two_streams_in_a_row_reuse_one_upstream_connection() {
     let host = format!("127.0.0.1:{}", upstream.addr.port());
 
     let body = r#"{"prompt":"one"}"#;
-    let request = stream_request(&proxy, "/v1/chat/completions?x=1", body);
-    let mut up = upstream.accept().await;
-    let first = read_request(&mut up).await;
+    let (request, mut up, first) = sent(&mut upstream, &proxy, "/v1/chat/completions?x=1", body).await;
     assert_eq!(first.line, "POST /v1/chat/completions?x=1 HTTP/1.1");
     assert_eq!(first.one("host"), host);
     assert_eq!(first.one("content-length"), body.len().to_string());
@@ -205,9 +217,7 @@ async fn a_pooled_connection_the_upstream_closed_is_not_reused() {
     let mut upstream = RawUpstream::start().await;
     let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     let events = answer(&mut up, request, &length_response("data: a\n\n")).await;
     assert_eq!(datas(&events), ["a"]);
 
@@ -215,9 +225,7 @@ async fn a_pooled_connection_the_upstream_closed_is_not_reused() {
     // keep-alive timeout). A POST is not retried, so a reuse would fail.
     drop(up);
 
-    let request = stream_request(&proxy, "/v1/chat", r#"{"n":2}"#);
-    let mut up = upstream.accept().await;
-    let second = read_request(&mut up).await;
+    let (request, mut up, second) = sent(&mut upstream, &proxy, "/v1/chat", r#"{"n":2}"#).await;
     assert_eq!(second.line, "POST /v1/chat HTTP/1.1");
     assert_eq!(second.body, br#"{"n":2}"#);
     up.write_all(&length_response("data: b\n\ndata: c\n\n")).await.unwrap();
@@ -233,9 +241,7 @@ async fn chunked_responses_with_extensions_and_trailers_arrive_whole_and_the_con
     let mut upstream = RawUpstream::start().await;
     let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     up.write_all(&[SSE_HEAD, b"transfer-encoding: chunked\r\ntrailer: x-usage\r\n\r\n"].concat()).await.unwrap();
     let resp = response(request).await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -296,9 +302,7 @@ async fn close_delimited_responses_end_the_stream_normally() {
 
     // A closed connection is never pooled: the next stream connects anew
     // (accept() fails if it does not) and works.
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     let events = answer(&mut up, request, &length_response("data: d\n\n")).await;
     assert_eq!(datas(&events), ["d"]);
 }
@@ -308,9 +312,7 @@ async fn a_malformed_chunk_size_mid_stream_is_an_upstream_reset_error_event() {
     let mut upstream = RawUpstream::start().await;
     let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     up.write_all(&[SSE_HEAD, b"transfer-encoding: chunked\r\n\r\n12\r\ndata: a\n\ndata: b\n\n\r\n"].concat())
         .await
         .unwrap();
@@ -335,9 +337,7 @@ async fn a_content_length_body_cut_short_is_an_upstream_reset_error_event() {
     let mut upstream = RawUpstream::start().await;
     let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     up.write_all(&[SSE_HEAD, b"content-length: 100\r\n\r\ndata: a\n\n"].concat()).await.unwrap();
     let resp = response(request).await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -356,9 +356,7 @@ async fn interim_1xx_heads_before_the_final_head_are_skipped() {
     let mut upstream = RawUpstream::start().await;
     let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     up.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
     up.write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n").await.unwrap();
     up.write_all(&length_response("data: a\n\ndata: b\n\n")).await.unwrap();
@@ -384,9 +382,7 @@ async fn a_response_head_over_64_kib_is_502_upstream_unavailable() {
     let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
     // Under the bound (60 KiB of headers) the stream works.
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     let under = format!("x-big: {}\r\n", "a".repeat(60 * 1024));
     up.write_all(&[SSE_HEAD, under.as_bytes(), b"content-length: 9\r\n\r\ndata: a\n\n"].concat()).await.unwrap();
     let resp = response(request).await;
@@ -465,9 +461,7 @@ async fn a_response_with_connection_close_is_not_pooled() {
     let mut upstream = RawUpstream::start().await;
     let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     // The upstream says it will close, but leaves the socket open.
     let events =
         answer(&mut up, request, &[SSE_HEAD, b"connection: close\r\ncontent-length: 9\r\n\r\ndata: a\n\n"].concat())
@@ -475,9 +469,7 @@ async fn a_response_with_connection_close_is_not_pooled() {
     assert_eq!(datas(&events), ["a"]);
     // The proxy closes it, and the next stream connects anew.
     assert_closed(&mut up).await;
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     let events = answer(&mut up, request, &length_response("data: b\n\n")).await;
     assert_eq!(datas(&events), ["b"]);
 }
@@ -487,9 +479,7 @@ async fn a_stream_the_client_leaves_mid_body_closes_its_upstream_connection() {
     let mut upstream = RawUpstream::start().await;
     let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     up.write_all(&[SSE_HEAD, b"transfer-encoding: chunked\r\n\r\n9\r\ndata: a\n\n\r\n"].concat()).await.unwrap();
     let mut reader = BodyReader::new(response(request).await);
     reader.until("a\n\n").await;
@@ -497,9 +487,7 @@ async fn a_stream_the_client_leaves_mid_body_closes_its_upstream_connection() {
     // Half a response is never pooled: the proxy closes the socket.
     assert_closed(&mut up).await;
 
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     let events = answer(&mut up, request, &length_response("data: b\n\n")).await;
     assert_eq!(datas(&events), ["b"]);
 }
@@ -540,9 +528,7 @@ async fn an_error_answer_read_to_its_end_leaves_the_connection_pooled() {
 
     // A 429 to a stream request is passed through as it is, then the
     // retry comes on the same socket.
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     let json = r#"{"error":{"type":"rate_limited","message":"slow down"}}"#;
     up.write_all(
         format!(
@@ -575,9 +561,7 @@ async fn bytes_after_a_complete_response_make_its_connection_unusable() {
     let mut upstream = RawUpstream::start().await;
     let proxy = Proxy::start(one_worker(upstream.addr)).await;
 
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     // A whole second response nobody asked for, right behind the first.
     let smuggled = length_response("data: smuggled\n\n");
     let events = answer(&mut up, request, &[length_response("data: a\n\n"), smuggled].concat()).await;
@@ -585,9 +569,7 @@ async fn bytes_after_a_complete_response_make_its_connection_unusable() {
     assert_closed(&mut up).await;
 
     // The next stream gets its own answer on a new connection.
-    let request = stream_request(&proxy, "/v1/chat", "{}");
-    let mut up = upstream.accept().await;
-    read_request(&mut up).await;
+    let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     let events = answer(&mut up, request, &length_response("data: b\n\n")).await;
     assert_eq!(datas(&events), ["b"]);
 }
