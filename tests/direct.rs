@@ -410,10 +410,8 @@ async fn upstream_error_status_is_passed_through() {
 
 #[tokio::test]
 async fn refused_upstream_is_502_json() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = dead.local_addr().unwrap();
-    drop(dead);
-    let proxy = Proxy::start(support::config(addr)).await;
+    let dead = support::RefusingPort::new();
+    let proxy = Proxy::start(support::config(dead.addr)).await;
     let resp = client().post(proxy.url("/v1/chat")).body("{}").send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
@@ -532,10 +530,9 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
         _ => Reply::full(200, "text/plain", "ok"),
     })
     .await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = support::RefusingPort::new();
     let mut config = support::config(upstream.addr);
-    config.routes.push(route("/dead", &format!("http://{}", dead.local_addr().unwrap())));
-    drop(dead);
+    config.routes.push(route("/dead", &format!("http://{}", dead.addr)));
     let proxy = Proxy::start(config).await;
     let c = client();
     let admin = |path: &str| format!("http://{}{path}", proxy.admin);

@@ -40,11 +40,6 @@ async fn model() -> Upstream {
     .await
 }
 
-/// A port nothing listens on.
-fn closed_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 /// The sample whose name is `name` and whose labels are exactly `labels`.
 fn find<'a>(scrape: &'a Scrape, name: &str, labels: &[(&str, &str)]) -> Option<&'a Sample> {
     scrape.samples.iter().find(|s| {
@@ -139,8 +134,9 @@ async fn events(resp: reqwest::Response) -> Vec<support::Ev> {
 #[tokio::test]
 async fn metrics_cover_the_contract_with_bounded_labels() {
     let upstream = model().await;
+    let dead = support::RefusingPort::new();
     let mut config = support::config(upstream.addr);
-    config.routes.push(support::route("/dead", &format!("http://{}", closed_port())));
+    config.routes.push(support::route("/dead", &format!("http://{}", dead.addr)));
     config.sse.keepalive = Duration::from_millis(50);
     config.handoff.ttl = Duration::from_secs(1);
     let proxy = Proxy::start(config).await;

@@ -53,6 +53,26 @@ impl Proxy {
     }
 }
 
+/// A port that refuses connections for as long as this value lives.
+///
+/// The socket is bound but never listens, and without `SO_REUSEADDR`, so no
+/// later bind in the same test (the proxy's own ports on port 0) can take the
+/// port over. Dropping a listener to get a "closed" port does not ensure
+/// that: the proxy started next was once given the same port, and the dead
+/// upstream answered 404.
+pub struct RefusingPort {
+    pub addr: SocketAddr,
+    _socket: tokio::net::TcpSocket,
+}
+
+impl RefusingPort {
+    pub fn new() -> RefusingPort {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        RefusingPort { addr: socket.local_addr().unwrap(), _socket: socket }
+    }
+}
+
 /// A config with one route `/v1` → `upstream`, short timeouts for tests.
 pub fn config(upstream: SocketAddr) -> Config {
     let mut c = Config::default();
