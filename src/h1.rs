@@ -478,18 +478,44 @@ enum Step {
     More,
 }
 
+/// The state at the start of a chunk-size line.
+const LINE_START: Chunked = Chunked::Size { size: 0, digits: 0, ext: false, line: 0 };
+
 impl Chunked {
     /// Decodes from the front of `buf` until data, the end, or want of bytes.
     fn step(&mut self, buf: &mut BytesMut) -> Result<Step, H1Error> {
         loop {
-            if let Chunked::Data { left } = *self {
-                if buf.is_empty() {
-                    return Ok(Step::More);
+            match *self {
+                Chunked::Data { left } => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let left = left - n as u64;
+                    *self = if left == 0 { Chunked::DataCr } else { Chunked::Data { left } };
+                    return Ok(Step::Data(buf.split_to(n).freeze()));
                 }
-                let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                let left = left - n as u64;
-                *self = if left == 0 { Chunked::DataCr } else { Chunked::Data { left } };
-                return Ok(Step::Data(buf.split_to(n).freeze()));
+                // The common shapes in one step: a bare `hex CRLF` size line
+                // whole in the buffer, and the CRLF after a chunk's data.
+                // Anything else (an extension, a bare LF, a line cut by a
+                // read) goes byte by byte below.
+                LINE_START => {
+                    if let Some((size, len)) = size_line(buf) {
+                        buf.advance(len);
+                        *self = if size == 0 {
+                            Chunked::Trailer { line: 0, total: 0 }
+                        } else {
+                            Chunked::Data { left: size }
+                        };
+                        continue;
+                    }
+                }
+                Chunked::DataCr if buf.starts_with(b"\r\n") => {
+                    buf.advance(2);
+                    *self = LINE_START;
+                    continue;
+                }
+                _ => {}
             }
             let Some(&b) = buf.first() else { return Ok(Step::More) };
             buf.advance(1);
@@ -554,6 +580,24 @@ impl Chunked {
             };
         }
     }
+}
+
+/// A whole `hex CRLF` chunk-size line at the front of `buf`: the size and
+/// the line's length. `None` for anything else, which the byte-by-byte
+/// decoder then reads (or rejects).
+fn size_line(buf: &[u8]) -> Option<(u64, usize)> {
+    let mut size = 0u64;
+    for (i, &b) in buf.iter().enumerate().take(16) {
+        let v = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            b'\r' if i > 0 && buf.get(i + 1) == Some(&b'\n') => return Some((size, i + 2)),
+            _ => return None,
+        };
+        size = size * 16 + u64::from(v);
+    }
+    None
 }
 
 /// A response body read straight from the upstream socket.
@@ -723,6 +767,11 @@ mod tests {
         assert_eq!(all_splits(b"3\nabc\n0\n\n"), Ok((b"abc".to_vec(), true)));
         // Not finished yet: data so far, no end.
         assert_eq!(all_splits(b"5\r\nhel"), Ok((b"hel".to_vec(), false)));
+        // Several chunks in one read, upper- and lower-case hex, and the
+        // largest size line allowed (15 digits).
+        let many = b"2\r\nab\r\nA\r\n0123456789\r\nb\r\nhello world\r\n0\r\n\r\n";
+        assert_eq!(all_splits(many), Ok((b"ab0123456789hello world".to_vec(), true)));
+        assert_eq!(all_splits(b"fffffffffffffff\r\nab"), Ok((b"ab".to_vec(), false)));
     }
 
     #[test]

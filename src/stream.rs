@@ -26,7 +26,7 @@ use crate::metrics::{Metrics, OutcomeLabels};
 use crate::reframe::{Reframer, Wire};
 use crate::router::Route;
 use crate::sse::KEEPALIVE;
-use crate::wake::OnWake;
+use crate::wake::{Gate, OnWake};
 use crate::App;
 
 /// How long a stream is quiet before it lets go of its read and frame
@@ -65,6 +65,7 @@ pub fn direct_response(
     let cfg = &app.config;
     let stream = EventStream {
         source,
+        source_gate: Gate::default(),
         reframer: Reframer::new(wire, cfg.limits.max_event_bytes as usize),
         out: BytesMut::new(),
         finished: false,
@@ -93,6 +94,10 @@ pub struct Names {
 /// The direct-mode event-stream body.
 pub struct EventStream {
     source: Decoded,
+    /// Polls `source` only when it was ready last time or its waker fired:
+    /// the connection polls the body again after each write, and the
+    /// upstream socket would answer each of those polls with `Pending`.
+    source_gate: Gate,
     reframer: Reframer,
     out: BytesMut,
     finished: bool,
@@ -155,7 +160,8 @@ impl Body for EventStream {
             return Poll::Ready(Some(Ok(Frame::data(frame))));
         }
         loop {
-            match this.source.poll_chunk(cx) {
+            let source = &mut this.source;
+            match this.source_gate.poll_with(cx, |cx| source.poll_chunk(cx)) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let now = Instant::now();
                     this.last_upstream = now;

@@ -17,12 +17,20 @@ use futures_util::task::AtomicWaker;
 /// Wraps `F`, polling it only on its first poll and after its waker fired.
 pub struct OnWake<F> {
     inner: Pin<Box<F>>,
+    gate: Gate,
+}
+
+/// Lets a poll through only when the last one was ready, or after the
+/// waker it was given fired: [`OnWake`] for a future, and by hand for
+/// anything polled like one (an upstream body's next chunk).
+pub struct Gate {
     signal: Arc<Signal>,
-    /// The waker handed to `inner` (it wakes `signal`).
+    /// The waker handed to what is polled (it wakes `signal`).
     waker: Waker,
     /// The task's waker `signal` holds, to skip registering it again.
     task: Option<Waker>,
-    polled: bool,
+    /// The last poll was pending.
+    waiting: bool,
 }
 
 struct Signal {
@@ -41,11 +49,50 @@ impl Wake for Signal {
     }
 }
 
-impl<F: Future> OnWake<F> {
-    pub fn new(inner: F) -> OnWake<F> {
+impl Default for Gate {
+    fn default() -> Gate {
         let signal = Arc::new(Signal { fired: AtomicBool::new(false), task: AtomicWaker::new() });
         let waker = Waker::from(signal.clone());
-        OnWake { inner: Box::pin(inner), signal, waker, task: None, polled: false }
+        Gate { signal, waker, task: None, waiting: false }
+    }
+}
+
+impl Gate {
+    /// Runs `poll` with the gate's waker, unless it was pending last time
+    /// and nothing woke it since: then `Pending` at once, for one atomic load.
+    pub fn poll_with<T>(&mut self, cx: &mut Context<'_>, poll: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+        let same = self.task.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        // Only a wake takes the stored waker, and it sets `fired` first: not
+        // fired, the same task's waker is still there and nothing is to do.
+        if self.waiting && same && !self.signal.fired.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        self.signal.task.register(cx.waker());
+        if !same {
+            self.task = Some(cx.waker().clone());
+        }
+        if self.waiting {
+            if !self.signal.fired.swap(false, Ordering::AcqRel) {
+                return Poll::Pending;
+            }
+        } else {
+            // A wake from before this poll is answered by this poll.
+            self.signal.fired.store(false, Ordering::Relaxed);
+        }
+        let result = poll(&mut Context::from_waker(&self.waker));
+        self.waiting = result.is_pending();
+        result
+    }
+
+    /// The next poll goes through, woken or not.
+    pub fn open(&mut self) {
+        self.waiting = false;
+    }
+}
+
+impl<F: Future> OnWake<F> {
+    pub fn new(inner: F) -> OnWake<F> {
+        OnWake { inner: Box::pin(inner), gate: Gate::default() }
     }
 }
 
@@ -53,7 +100,7 @@ impl<F> OnWake<F> {
     /// The wrapped future, to change it (a timer's deadline); it is polled
     /// again on the next poll, so that it registers what changed.
     pub fn inner_mut(&mut self) -> Pin<&mut F> {
-        self.polled = false;
+        self.gate.open();
         self.inner.as_mut()
     }
 }
@@ -63,21 +110,8 @@ impl<F: Future> Future for OnWake<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        let same = this.task.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-        // Only a wake takes the stored waker, and it sets `fired` first: not
-        // fired, the same task's waker is still there and nothing is to do.
-        if this.polled && same && !this.signal.fired.load(Ordering::Acquire) {
-            return Poll::Pending;
-        }
-        this.signal.task.register(cx.waker());
-        if !same {
-            this.task = Some(cx.waker().clone());
-        }
-        if this.polled && !this.signal.fired.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        this.polled = true;
-        this.inner.as_mut().poll(&mut Context::from_waker(&this.waker))
+        let inner = &mut this.inner;
+        this.gate.poll_with(cx, |cx| inner.as_mut().poll(cx))
     }
 }
 
@@ -149,6 +183,46 @@ mod tests {
             inner.wake();
             assert_eq!(woken.0.load(Ordering::SeqCst), round, "wake {round} was lost");
         }
+        Ok(())
+    }
+
+    /// One poll through `gate` of something ready or not; counts the calls
+    /// that got through and keeps the waker they were given.
+    fn through(
+        gate: &mut Gate,
+        cx: &mut Context<'_>,
+        ready: bool,
+        calls: &mut usize,
+        given: &mut Option<Waker>,
+    ) -> bool {
+        gate.poll_with(cx, |inner| {
+            *calls += 1;
+            *given = Some(inner.waker().clone());
+            if ready {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .is_ready()
+    }
+
+    #[test]
+    fn a_gate_lets_polls_through_after_a_ready_one_and_after_a_wake() -> Result<(), &'static str> {
+        let mut gate = Gate::default();
+        let (task_waker, _) = counting_waker();
+        let cx = &mut Context::from_waker(&task_waker);
+        let (mut calls, mut given) = (0, None);
+        // A source with chunks queued is ready poll after poll.
+        assert!(through(&mut gate, cx, true, &mut calls, &mut given));
+        assert!(through(&mut gate, cx, true, &mut calls, &mut given));
+        // Pending once: the polls after it do not reach it until it wakes.
+        assert!(!through(&mut gate, cx, false, &mut calls, &mut given));
+        assert!(!through(&mut gate, cx, true, &mut calls, &mut given));
+        assert!(!through(&mut gate, cx, true, &mut calls, &mut given));
+        given.take().ok_or("no waker given")?.wake();
+        assert!(through(&mut gate, cx, true, &mut calls, &mut given));
+        assert_eq!(calls, 4);
         Ok(())
     }
 
