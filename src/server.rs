@@ -256,8 +256,7 @@ impl Conn {
                 h1.timer(TokioTimer::new())
                     .header_read_timeout(self.app.config.limits.header_timeout)
                     .max_buf_size(MAX_BUF)
-                    .max_header_size(MAX_BUF)
-                    .writev(false);
+                    .max_header_size(MAX_BUF);
                 let conn = h1.serve_connection(io, svc);
                 tokio::pin!(conn);
                 self.until_done(conn, |c| c.graceful_shutdown(), &requests).await
