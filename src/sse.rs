@@ -36,44 +36,59 @@ impl SseEncoder {
     }
 
     /// Like [`encode`](SseEncoder::encode) for a name and data without CR or
-    /// LF (the caller knows): nothing is scanned.
+    /// LF (the caller knows): nothing is scanned, and an unnamed event is
+    /// three copies (the `id:` line and `data: ` kept ready, the data, LF LF).
     pub fn encode_line(&mut self, out: &mut BytesMut, name: Option<&[u8]>, data: &[u8]) -> u64 {
         self.id.increment();
-        let id = self.id.digits();
-        out.reserve(16 + id.len() + name.map_or(0, |n| n.len() + 8) + data.len());
-        out.extend_from_slice(b"id: ");
-        out.extend_from_slice(id);
-        if let Some(name) = name {
-            out.extend_from_slice(b"\nevent: ");
-            out.extend_from_slice(name);
+        match name {
+            None => {
+                let head = self.id.id_and_data();
+                out.reserve(head.len() + data.len() + 2);
+                out.extend_from_slice(head);
+            }
+            Some(name) => {
+                let line = self.id.id_line();
+                out.reserve(line.len() + 8 + name.len() + 7 + data.len() + 2);
+                out.extend_from_slice(line);
+                out.extend_from_slice(b"event: ");
+                out.extend_from_slice(name);
+                out.extend_from_slice(b"\ndata: ");
+            }
         }
-        out.extend_from_slice(b"\ndata: ");
         out.extend_from_slice(data);
         out.extend_from_slice(b"\n\n");
         self.id.value
     }
 }
 
+/// Where an id's digits end in [`EventId`]'s buffer; `id: ` is in front of
+/// the first digit and `\ndata: ` follows the last.
+const DIGITS_END: usize = 24;
+
 /// An event id and its decimal digits, counted up in place: the next id
-/// costs a digit or two, not a number formatted anew.
+/// costs a digit or two, not a number formatted anew. The digits sit in
+/// `id: …\ndata: `, so an event's head is one copy.
 #[derive(Debug)]
 struct EventId {
     value: u64,
-    ascii: [u8; 20],
-    /// Where the digits start in `ascii`.
+    ascii: [u8; DIGITS_END + 7],
+    /// Where the digits start in `ascii` (4 at the least: u64 has at most 20).
     start: usize,
 }
 
 impl Default for EventId {
     fn default() -> EventId {
-        EventId { value: 0, ascii: [b'0'; 20], start: 19 }
+        let mut ascii = [b'0'; DIGITS_END + 7];
+        ascii[DIGITS_END..].copy_from_slice(b"\ndata: ");
+        ascii[DIGITS_END - 5..DIGITS_END - 1].copy_from_slice(b"id: ");
+        EventId { value: 0, ascii, start: DIGITS_END - 1 }
     }
 }
 
 impl EventId {
     fn increment(&mut self) {
         self.value += 1;
-        let mut i = self.ascii.len() - 1;
+        let mut i = DIGITS_END - 1;
         loop {
             if self.ascii[i] != b'9' {
                 self.ascii[i] += 1;
@@ -81,9 +96,10 @@ impl EventId {
             }
             self.ascii[i] = b'0';
             if i == self.start {
-                // 9…9 + 1: one more digit (u64 has at most 20).
+                // 9…9 + 1: one more digit, and `id: ` moves one to the left.
                 self.start -= 1;
                 self.ascii[self.start] = b'1';
+                self.ascii[self.start - 4..self.start].copy_from_slice(b"id: ");
                 return;
             }
             i -= 1;
@@ -91,7 +107,17 @@ impl EventId {
     }
 
     fn digits(&self) -> &[u8] {
-        &self.ascii[self.start..]
+        &self.ascii[self.start..DIGITS_END]
+    }
+
+    /// `id: N\n`.
+    fn id_line(&self) -> &[u8] {
+        &self.ascii[self.start - 4..DIGITS_END + 1]
+    }
+
+    /// `id: N\ndata: `.
+    fn id_and_data(&self) -> &[u8] {
+        &self.ascii[self.start - 4..]
     }
 }
 
@@ -170,9 +196,13 @@ mod tests {
             id.increment();
             assert_eq!(id.digits(), n.to_string().as_bytes());
         }
-        let mut big = EventId { value: 0, ascii: [b'9'; 20], start: 1 };
+        assert_eq!(id.id_and_data(), b"id: 100500\ndata: ");
+        let mut big = EventId::default();
+        big.ascii[5..DIGITS_END].fill(b'9');
+        big.start = 5;
         big.increment();
         assert_eq!(big.digits(), b"10000000000000000000");
+        assert_eq!(big.id_line(), b"id: 10000000000000000000\n");
     }
 
     #[test]
