@@ -322,7 +322,7 @@ async fn produce(app: Arc<App>, stored: StoredRequest, log: Arc<StreamLog>) {
             return Producer::detached(&app, &log, Wire::Text).error(e.kind(), &e.to_string());
         }
     };
-    app.metrics.upstream_head_seconds.get_or_create(&route.label).observe(head_time.as_secs_f64());
+    route.observe_upstream_head(&app.metrics, head_time);
     let (head, body) = resp.into_parts();
     let mut producer = Producer::detached(&app, &log, Wire::choose(route.format, &head.headers));
     if head.status.as_u16() >= 400 {

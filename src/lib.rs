@@ -79,6 +79,8 @@ pub struct App {
     streams: Arc<AtomicUsize>,
     /// Verifies client JWTs when `[auth]` is set.
     pub auth: Option<Arc<auth::Authenticator>>,
+    /// `sse.end_event` and `sse.error_event`, made once for every stream.
+    pub event_names: stream::Names,
 }
 
 impl App {
@@ -104,7 +106,7 @@ impl App {
         config.demo = old.demo;
         let routes = Routes::new(&config.routes).map_err(StartError::Routes)?;
         for route in routes.iter() {
-            self.metrics.init_route(&route.label);
+            let _ = route.meters.set(self.metrics.init_route(&route.label));
         }
         Ok(App {
             auth: authenticator(&config)?,
@@ -116,6 +118,7 @@ impl App {
             streams: self.streams.clone(),
             drain: self.drain.clone(),
             ready: self.ready.clone(),
+            event_names: stream::Names::of(&config),
             config,
         })
     }
@@ -289,7 +292,7 @@ pub async fn run_with_reload(
     let store = open_store(&config, &metrics).await?;
     let routes = Routes::new(&config.routes).map_err(StartError::Routes)?;
     for route in routes.iter() {
-        metrics.init_route(&route.label);
+        let _ = route.meters.set(metrics.init_route(&route.label));
     }
     let app = Arc::new(App {
         auth: authenticator(&config)?,
@@ -301,6 +304,7 @@ pub async fn run_with_reload(
         streams: Arc::new(AtomicUsize::new(0)),
         drain: CancellationToken::new(),
         ready: Arc::new(AtomicBool::new(false)),
+        event_names: stream::Names::of(&config),
         config,
     });
     let stop = CancellationToken::new();

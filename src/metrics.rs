@@ -16,6 +16,22 @@ pub struct RouteLabel {
     pub route: String,
 }
 
+/// One route's series, taken from their families once, when the route is
+/// set up ([`Metrics::init_route`]): a stream then costs no label lookup.
+#[derive(Clone, Debug)]
+pub struct RouteMeters {
+    pub streams_active: Gauge,
+    pub events_sent: Counter,
+    pub bytes_sent: Counter,
+    pub keepalives_sent: Counter,
+    pub first_event_seconds: Histogram,
+    pub upstream_head_seconds: Histogram,
+    pub events_per_second: Histogram,
+    /// `streams_ended` for the two usual outcomes.
+    pub complete: Counter,
+    pub client_gone: Counter,
+}
+
 /// Labels for how a stream or request ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -140,23 +156,27 @@ impl Metrics {
         out
     }
 
-    /// Creates the per-route series, so that a fresh `/metrics` lists them.
-    pub fn init_route(&self, label: &RouteLabel) {
-        let _ = self.streams_active.get_or_create(label);
-        let _ = self.events_sent.get_or_create(label);
-        let _ = self.bytes_sent.get_or_create(label);
-        let _ = self.keepalives_sent.get_or_create(label);
-        let _ = self.first_event_seconds.get_or_create(label);
-        let _ = self.upstream_head_seconds.get_or_create(label);
-        let _ = self.events_per_second.get_or_create(label);
-        for outcome in ["complete", "client_gone"] {
-            let _ = self.streams_ended.get_or_create(&OutcomeLabels { route: label.route.clone(), outcome });
+    /// Creates the per-route series, so that a fresh `/metrics` lists them,
+    /// and returns their handles.
+    pub fn init_route(&self, label: &RouteLabel) -> RouteMeters {
+        for reason in ["grace", "delete"] {
+            let _ = self.streams_cancelled.get_or_create(&ReasonLabel { reason });
         }
         for r#type in ["upstream_unavailable", "upstream_timeout", "upstream_reset"] {
             let _ = self.upstream_errors.get_or_create(&ErrorLabels { route: label.route.clone(), r#type });
         }
-        for reason in ["grace", "delete"] {
-            let _ = self.streams_cancelled.get_or_create(&ReasonLabel { reason });
+        let ended =
+            |outcome| self.streams_ended.get_or_create(&OutcomeLabels { route: label.route.clone(), outcome }).clone();
+        RouteMeters {
+            streams_active: self.streams_active.get_or_create(label).clone(),
+            events_sent: self.events_sent.get_or_create(label).clone(),
+            bytes_sent: self.bytes_sent.get_or_create(label).clone(),
+            keepalives_sent: self.keepalives_sent.get_or_create(label).clone(),
+            first_event_seconds: self.first_event_seconds.get_or_create(label).clone(),
+            upstream_head_seconds: self.upstream_head_seconds.get_or_create(label).clone(),
+            events_per_second: self.events_per_second.get_or_create(label).clone(),
+            complete: ended("complete"),
+            client_gone: ended("client_gone"),
         }
     }
 

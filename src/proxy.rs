@@ -73,7 +73,7 @@ pub async fn forward(
             return Err(e);
         }
     };
-    app.metrics.upstream_head_seconds.get_or_create(&route.label).observe(head_time.as_secs_f64());
+    route.observe_upstream_head(&app.metrics, head_time);
     let (mut head, body) = resp.into_parts();
     strip_hop_by_hop(&mut head.headers);
     let is_event_stream = is_event_stream(&head.headers);
@@ -116,23 +116,47 @@ pub fn forwarded_headers(
     wants_events: bool,
     authenticated: bool,
 ) -> HeaderMap {
-    let mut headers = parts.headers.clone();
-    if authenticated {
-        headers.remove(header::AUTHORIZATION);
-    }
-    let client_host = headers
+    let src = &parts.headers;
+    let client_host = src
         .get(header::HOST)
         .cloned()
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
-    append_forwarded_for(&mut headers, conn.peer);
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-    );
+    let named = connection_named(src);
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let xfp = HeaderName::from_static("x-forwarded-proto");
+    let xfh = HeaderName::from_static("x-forwarded-host");
+    // One pass over the client's headers: hop-by-hop ones, `Host`, and the
+    // ones set below are left out.
+    let mut headers = HeaderMap::with_capacity(src.len() + 4);
+    for (name, value) in src {
+        let left_out = is_hop_by_hop(name)
+            || named.contains(name)
+            || name == header::HOST
+            || (authenticated && name == header::AUTHORIZATION)
+            || name == xff
+            || name == xfp
+            || (name == xfh && client_host.is_some())
+            || (wants_events && name == header::ACCEPT_ENCODING);
+        if !left_out {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    // `X-Forwarded-For`: the client's own list (unless its `Connection`
+    // named it), then the client's address, as nginx's
+    // `$proxy_add_x_forwarded_for` does.
+    let ip = ip_text(conn.peer.ip());
+    let prior: Vec<&str> = if named.contains(&xff) {
+        Vec::new()
+    } else {
+        src.get_all(&xff).iter().filter_map(|v| v.to_str().ok()).collect()
+    };
+    let value = if prior.is_empty() { ip } else { format!("{}, {ip}", prior.join(", ")) };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(xff, value);
+    }
+    headers.insert(xfp, HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
     if let Some(host) = client_host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+        headers.insert(xfh, host);
     }
     if wants_events {
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
@@ -163,42 +187,34 @@ pub fn build_request<B>(
 
 /// Drops `Connection` and the headers it names, and the fixed hop-by-hop set.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let named = connection_named(headers);
+    let drop: Vec<HeaderName> = headers.keys().filter(|k| is_hop_by_hop(k) || named.contains(k)).cloned().collect();
+    for name in drop {
+        headers.remove(name);
+    }
+}
+
+/// The headers a `Connection` header names (hop-by-hop by that).
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
-    for name in proxy {
-        headers.remove(name);
-    }
+        .collect()
 }
 
-/// Appends the client address to `X-Forwarded-For`, as nginx's
-/// `$proxy_add_x_forwarded_for` does.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let name = HeaderName::from_static("x-forwarded-for");
-    let prior: Vec<&str> = headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()).collect();
-    let ip = ip_text(peer.ip());
-    let value = if prior.is_empty() { ip } else { format!("{}, {ip}", prior.join(", ")) };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(name, value);
-    }
+/// The fixed hop-by-hop set: `Connection`, `Keep-Alive`, `TE`, `Trailer`,
+/// `Transfer-Encoding`, `Upgrade`, and every `Proxy-*`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str().starts_with("proxy-")
 }
 
 /// An IP address as text; IPv4 written octet by octet, a tenth of the

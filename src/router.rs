@@ -10,7 +10,7 @@ use crate::body::ResponseBody;
 use crate::config::{Format, RouteConfig};
 use crate::cors;
 use crate::error::Error;
-use crate::metrics::{OutcomeLabels, RouteLabel};
+use crate::metrics::{OutcomeLabels, RouteLabel, RouteMeters};
 use crate::proxy::{self, ConnInfo};
 use crate::App;
 
@@ -25,9 +25,28 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Set on every upstream request, replacing the client's.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Its metric series, set when the app that owns it is built.
+    pub meters: std::sync::OnceLock<RouteMeters>,
 }
 
 impl Route {
+    /// Its metric series: the ones taken when the app was built, or looked
+    /// up now for a route that was not set up through an app.
+    pub fn meters(&self, metrics: &crate::metrics::Metrics) -> RouteMeters {
+        match self.meters.get() {
+            Some(m) => m.clone(),
+            None => metrics.init_route(&self.label),
+        }
+    }
+
+    /// Records how long the upstream took to send its response head.
+    pub fn observe_upstream_head(&self, metrics: &crate::metrics::Metrics, took: std::time::Duration) {
+        match self.meters.get() {
+            Some(m) => m.upstream_head_seconds.observe(took.as_secs_f64()),
+            None => metrics.upstream_head_seconds.get_or_create(&self.label).observe(took.as_secs_f64()),
+        }
+    }
+
     fn compile(cfg: &RouteConfig) -> Result<Route, String> {
         let upstream: Uri = cfg.upstream.parse().map_err(|e| format!("{}: {e}", cfg.upstream))?;
         let mut headers = Vec::with_capacity(cfg.headers.len());
@@ -44,6 +63,7 @@ impl Route {
             format: cfg.format,
             strip_prefix: cfg.strip_prefix,
             headers,
+            meters: std::sync::OnceLock::new(),
         })
     }
 

@@ -13,16 +13,13 @@ use http::header::{self, HeaderValue};
 use http::{response, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::body::{BoxError, ResponseBody};
 use crate::decompress::Decoded;
 use crate::error::json_error;
-use crate::metrics::{Metrics, OutcomeLabels};
+use crate::metrics::{Metrics, OutcomeLabels, RouteMeters};
 use crate::reframe::{Reframer, Wire};
 use crate::router::Route;
 use crate::sse::KEEPALIVE;
@@ -77,7 +74,7 @@ pub fn direct_response(
         timer: OnWake::new(tokio::time::sleep(cfg.sse.keepalive.min(cfg.limits.idle_timeout).min(TRIM_AFTER))),
         trimmed: false,
         deadline: OnWake::new(app.drain.clone().cancelled_owned()),
-        names: Names { end: Bytes::from(cfg.sse.end_event.clone()), error: Bytes::from(cfg.sse.error_event.clone()) },
+        names: app.event_names.clone(),
         stats: StreamStats::new(&app.metrics, route, started),
         _slot: slot,
     };
@@ -89,6 +86,13 @@ pub fn direct_response(
 pub struct Names {
     pub end: Bytes,
     pub error: Bytes,
+}
+
+impl Names {
+    /// `sse.end_event` and `sse.error_event` of `config`.
+    pub fn of(config: &crate::config::Config) -> Names {
+        Names { end: Bytes::from(config.sse.end_event.clone()), error: Bytes::from(config.sse.error_event.clone()) }
+    }
 }
 
 /// The direct-mode event-stream body.
@@ -239,8 +243,8 @@ impl Body for EventStream {
             }
             if now >= keepalive_due {
                 this.last_write = now;
-                this.stats.keepalives.inc();
-                this.stats.bytes.inc_by(KEEPALIVE.len() as u64);
+                this.stats.meters.keepalives_sent.inc();
+                this.stats.meters.bytes_sent.inc_by(KEEPALIVE.len() as u64);
                 this.timer.inner_mut().reset((now + this.keepalive).min(next));
                 return Poll::Ready(Some(Ok(Frame::data(KEEPALIVE))));
             }
@@ -249,11 +253,13 @@ impl Body for EventStream {
     }
 }
 
-/// Per-stream metric handles, taken once so an event costs no label lookup,
-/// and the figures for the log line written when the stream is dropped.
+/// The route's metric handles (taken when the route was set up, so a
+/// stream costs no label lookup), and the figures for the log line written when the stream is dropped.
 pub struct StreamStats {
     route: String,
-    metrics: MetricsHandles,
+    meters: RouteMeters,
+    /// For the outcomes and errors without a handle of their own.
+    metrics: Arc<Metrics>,
     started: std::time::Instant,
     first_event: Option<std::time::Duration>,
     pub events: u64,
@@ -261,43 +267,23 @@ pub struct StreamStats {
     reported: u64,
     bytes_total: u64,
     pub outcome: &'static str,
-    keepalives: Counter,
-    bytes: Counter,
-}
-
-struct MetricsHandles {
-    events: Counter,
-    active: Gauge,
-    first_event: Histogram,
-    rate: Histogram,
-    ended: prometheus_client::metrics::family::Family<OutcomeLabels, Counter>,
-    errors: Arc<Metrics>,
 }
 
 impl StreamStats {
     /// Starts counting a stream on `route`.
     pub fn new(metrics: &Arc<Metrics>, route: &Route, started: std::time::Instant) -> StreamStats {
-        let label = &route.label;
-        let active = metrics.streams_active.get_or_create(label).clone();
-        active.inc();
+        let meters = route.meters(metrics);
+        meters.streams_active.inc();
         StreamStats {
             route: route.prefix.clone(),
-            metrics: MetricsHandles {
-                events: metrics.events_sent.get_or_create(label).clone(),
-                active,
-                first_event: metrics.first_event_seconds.get_or_create(label).clone(),
-                rate: metrics.events_per_second.get_or_create(label).clone(),
-                ended: metrics.streams_ended.clone(),
-                errors: metrics.clone(),
-            },
+            meters,
+            metrics: metrics.clone(),
             started,
             first_event: None,
             events: 0,
             reported: 0,
             bytes_total: 0,
             outcome: "client_gone",
-            keepalives: metrics.keepalives_sent.get_or_create(label).clone(),
-            bytes: metrics.bytes_sent.get_or_create(label).clone(),
         }
     }
 
@@ -306,18 +292,18 @@ impl StreamStats {
         if self.first_event.is_none() && self.events > 0 {
             let t = self.started.elapsed();
             self.first_event = Some(t);
-            self.metrics.first_event.observe(t.as_secs_f64());
+            self.meters.first_event_seconds.observe(t.as_secs_f64());
         }
         self.bytes_total += n as u64;
-        self.bytes.inc_by(n as u64);
-        self.metrics.events.inc_by(self.events - self.reported);
+        self.meters.bytes_sent.inc_by(n as u64);
+        self.meters.events_sent.inc_by(self.events - self.reported);
         self.reported = self.events;
     }
 
     /// Counts an upstream failure of this stream's route.
     pub fn upstream_error(&self, kind: &'static str) {
         if kind != "shutdown" {
-            self.metrics.errors.upstream_error(&self.route, kind);
+            self.metrics.upstream_error(&self.route, kind);
         }
     }
 }
@@ -325,12 +311,18 @@ impl StreamStats {
 impl Drop for StreamStats {
     fn drop(&mut self) {
         let duration = self.started.elapsed();
-        self.metrics.active.dec();
-        self.metrics.events.inc_by(self.events - self.reported);
-        self.metrics.ended.get_or_create(&OutcomeLabels { route: self.route.clone(), outcome: self.outcome }).inc();
+        self.meters.streams_active.dec();
+        self.meters.events_sent.inc_by(self.events - self.reported);
+        match self.outcome {
+            "complete" => self.meters.complete.inc(),
+            "client_gone" => self.meters.client_gone.inc(),
+            outcome => {
+                self.metrics.streams_ended.get_or_create(&OutcomeLabels { route: self.route.clone(), outcome }).inc()
+            }
+        };
         let secs = duration.as_secs_f64();
         if self.events > 0 && secs > 0.0 {
-            self.metrics.rate.observe(self.events as f64 / secs);
+            self.meters.events_per_second.observe(self.events as f64 / secs);
         }
         let ttfe_ms = self.first_event.map(|d| d.as_secs_f64() * 1000.0);
         tracing::info!(
