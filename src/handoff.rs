@@ -322,7 +322,7 @@ async fn produce(app: Arc<App>, stored: StoredRequest, log: Arc<StreamLog>) {
             return Producer::detached(&app, &log, Wire::Text).error(e.kind(), &e.to_string());
         }
     };
-    route.observe_upstream_head(&app.metrics, head_time);
+    route.meters.upstream_head_seconds.observe(head_time.as_secs_f64());
     let (head, body) = resp.into_parts();
     let mut producer = Producer::detached(&app, &log, Wire::choose(route.format, &head.headers));
     if head.status.as_u16() >= 400 {

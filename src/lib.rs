@@ -104,10 +104,7 @@ impl App {
             config.handoff.store = old.handoff.store.clone();
         }
         config.demo = old.demo;
-        let routes = Routes::new(&config.routes).map_err(StartError::Routes)?;
-        for route in routes.iter() {
-            let _ = route.meters.set(self.metrics.init_route(&route.label));
-        }
+        let routes = Routes::new(&config.routes, &self.metrics).map_err(StartError::Routes)?;
         Ok(App {
             auth: authenticator(&config)?,
             tls: tls_acceptor(&config)?,
@@ -290,10 +287,7 @@ pub async fn run_with_reload(
     let workers = server::Workers::start(config.server.workers).map_err(|e| StartError::Workers(e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
     let store = open_store(&config, &metrics).await?;
-    let routes = Routes::new(&config.routes).map_err(StartError::Routes)?;
-    for route in routes.iter() {
-        let _ = route.meters.set(metrics.init_route(&route.label));
-    }
+    let routes = Routes::new(&config.routes, &metrics).map_err(StartError::Routes)?;
     let app = Arc::new(App {
         auth: authenticator(&config)?,
         tls,

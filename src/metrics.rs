@@ -17,7 +17,7 @@ pub struct RouteLabel {
 }
 
 /// One route's series, taken from their families once, when the route is
-/// set up ([`Metrics::init_route`]): a stream then costs no label lookup.
+/// compiled ([`Metrics::init_route`]): a stream then costs no label lookup.
 #[derive(Clone, Debug)]
 pub struct RouteMeters {
     pub streams_active: Gauge,

@@ -73,7 +73,7 @@ pub async fn forward(
             return Err(e);
         }
     };
-    route.observe_upstream_head(&app.metrics, head_time);
+    route.meters.upstream_head_seconds.observe(head_time.as_secs_f64());
     let (mut head, body) = resp.into_parts();
     strip_hop_by_hop(&mut head.headers);
     let is_event_stream = is_event_stream(&head.headers);

@@ -10,7 +10,7 @@ use crate::body::ResponseBody;
 use crate::config::{Format, RouteConfig};
 use crate::cors;
 use crate::error::Error;
-use crate::metrics::{OutcomeLabels, RouteLabel, RouteMeters};
+use crate::metrics::{Metrics, OutcomeLabels, RouteLabel, RouteMeters};
 use crate::proxy::{self, ConnInfo};
 use crate::App;
 
@@ -25,29 +25,12 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Set on every upstream request, replacing the client's.
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// Its metric series, set when the app that owns it is built.
-    pub meters: std::sync::OnceLock<RouteMeters>,
+    /// Its metric series, taken from their families once.
+    pub meters: RouteMeters,
 }
 
 impl Route {
-    /// Its metric series: the ones taken when the app was built, or looked
-    /// up now for a route that was not set up through an app.
-    pub fn meters(&self, metrics: &crate::metrics::Metrics) -> RouteMeters {
-        match self.meters.get() {
-            Some(m) => m.clone(),
-            None => metrics.init_route(&self.label),
-        }
-    }
-
-    /// Records how long the upstream took to send its response head.
-    pub fn observe_upstream_head(&self, metrics: &crate::metrics::Metrics, took: std::time::Duration) {
-        match self.meters.get() {
-            Some(m) => m.upstream_head_seconds.observe(took.as_secs_f64()),
-            None => metrics.upstream_head_seconds.get_or_create(&self.label).observe(took.as_secs_f64()),
-        }
-    }
-
-    fn compile(cfg: &RouteConfig) -> Result<Route, String> {
+    fn compile(cfg: &RouteConfig, metrics: &Metrics) -> Result<Route, String> {
         let upstream: Uri = cfg.upstream.parse().map_err(|e| format!("{}: {e}", cfg.upstream))?;
         let mut headers = Vec::with_capacity(cfg.headers.len());
         for (name, value) in &cfg.headers {
@@ -56,14 +39,15 @@ impl Route {
             value.set_sensitive(true);
             headers.push((name, value));
         }
+        let label = RouteLabel { route: cfg.prefix.clone() };
         Ok(Route {
             prefix: cfg.prefix.clone(),
-            label: RouteLabel { route: cfg.prefix.clone() },
+            meters: metrics.init_route(&label),
+            label,
             upstream,
             format: cfg.format,
             strip_prefix: cfg.strip_prefix,
             headers,
-            meters: std::sync::OnceLock::new(),
         })
     }
 
@@ -79,9 +63,11 @@ impl Route {
 pub struct Routes(Vec<Arc<Route>>);
 
 impl Routes {
-    /// Compiles validated route configs.
-    pub fn new(configs: &[RouteConfig]) -> Result<Routes, String> {
-        let mut routes = configs.iter().map(|c| Route::compile(c).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+    /// Compiles validated route configs, with their series in `metrics` (so
+    /// that a fresh `/metrics` lists them).
+    pub fn new(configs: &[RouteConfig], metrics: &Metrics) -> Result<Routes, String> {
+        let mut routes =
+            configs.iter().map(|c| Route::compile(c, metrics).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(Routes(routes))
     }

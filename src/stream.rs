@@ -254,7 +254,8 @@ impl Body for EventStream {
 }
 
 /// The route's metric handles (taken when the route was set up, so a
-/// stream costs no label lookup), and the figures for the log line written when the stream is dropped.
+/// stream costs no label lookup), and the figures for the log line written
+/// when the stream is dropped.
 pub struct StreamStats {
     route: String,
     meters: RouteMeters,
@@ -272,7 +273,7 @@ pub struct StreamStats {
 impl StreamStats {
     /// Starts counting a stream on `route`.
     pub fn new(metrics: &Arc<Metrics>, route: &Route, started: std::time::Instant) -> StreamStats {
-        let meters = route.meters(metrics);
+        let meters = route.meters.clone();
         meters.streams_active.inc();
         StreamStats {
             route: route.prefix.clone(),
