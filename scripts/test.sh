@@ -25,4 +25,6 @@ if ! "$venv/bin/python" -c 'import openai, anthropic' 2>/dev/null; then
 fi
 export SSEGATE_TEST_PYTHON="$PWD/$venv/bin/python"
 
+# Incremental caches only help repeated local builds; CI builds once.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo test --all-targets --locked
