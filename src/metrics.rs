@@ -46,6 +46,12 @@ pub struct ErrorLabels {
     pub r#type: &'static str,
 }
 
+/// Labels for per-worker series: the worker thread, from 1.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    pub worker: u32,
+}
+
 /// Labels for handoff stream cancellations.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -84,6 +90,7 @@ pub struct Metrics {
     pub replayed_events: Counter,
     pub streams_cancelled: Family<ReasonLabel, Counter>,
     pub connections_open: Gauge,
+    pub worker_connections: Family<WorkerLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -114,6 +121,7 @@ impl Metrics {
             replayed_events: Counter::default(),
             streams_cancelled: Family::default(),
             connections_open: Gauge::default(),
+            worker_connections: Family::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Proxied requests by route and outcome", m.requests.clone());
@@ -145,6 +153,11 @@ impl Metrics {
         registry.register("replayed_events", "Events replayed to resuming clients", m.replayed_events.clone());
         registry.register("streams_cancelled", "Handoff streams cancelled, by reason", m.streams_cancelled.clone());
         registry.register("connections_open", "Client connections open now", m.connections_open.clone());
+        registry.register(
+            "worker_connections",
+            "Client connections open now on each worker thread",
+            m.worker_connections.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -14,13 +14,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::body::BoxError;
+use crate::metrics::WorkerLabel;
 use crate::proxy::ConnInfo;
 use crate::wake::OnWake;
 use crate::{admin, router, App};
@@ -34,20 +37,18 @@ pub enum Side {
     Admin,
 }
 
-/// Worker threads, each running a single-threaded tokio runtime: a
-/// connection is handed to one at accept and stays there with its upstream
-/// requests, its timers and its wake-ups, as an nginx worker keeps its
-/// connections. No event crosses threads, so no thread wakes another for it.
+/// Worker threads, each running a single-threaded tokio runtime with its
+/// own accept loop on the shared listening socket, as nginx workers share
+/// theirs: a connection is accepted by the worker that serves it and stays
+/// there with its upstream requests, its timers and its wake-ups. No
+/// connection or event crosses threads, so no thread wakes another for it,
+/// and a worker busy with its streams gets to `accept` later than an idle
+/// one, which balances the load.
 pub struct Workers {
-    workers: Vec<Worker>,
+    handles: Vec<tokio::runtime::Handle>,
+    balance: Arc<Balance>,
     /// Ends the workers' event loops (on drop: after the drain).
     stop: CancellationToken,
-}
-
-struct Worker {
-    handle: tokio::runtime::Handle,
-    /// Connections it serves now; a new one goes to the least busy worker.
-    open: Arc<AtomicUsize>,
 }
 
 std::thread_local! {
@@ -66,13 +67,13 @@ impl Workers {
     /// runtime that calls [`accept_loop`].
     pub fn start(n: usize) -> std::io::Result<Workers> {
         let stop = CancellationToken::new();
-        let mut workers = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
         // The workers log where the caller logs, also when that is a
         // subscriber set for this thread only (an embedding, a test).
         let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         for index in 1..=n {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let handle = runtime.handle().clone();
+            handles.push(runtime.handle().clone());
             let stop = stop.clone();
             let dispatch = dispatch.clone();
             std::thread::Builder::new().name(format!("ssegate-worker-{index}")).spawn(move || {
@@ -82,22 +83,71 @@ impl Workers {
                 // still open then are dropped with the runtime.
                 runtime.block_on(stop.cancelled());
             })?;
-            workers.push(Worker { handle, open: Arc::new(AtomicUsize::new(0)) });
         }
-        Ok(Workers { workers, stop })
+        let balance = Arc::new(Balance { open: (0..n).map(|_| AtomicUsize::new(0)).collect(), changed: Notify::new() });
+        Ok(Workers { handles, balance, stop })
     }
 
     pub fn len(&self) -> usize {
-        self.workers.len()
+        self.handles.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
+        self.handles.is_empty()
+    }
+}
+
+/// Connections open on each worker. A worker that holds more than
+/// [`Balance::SLACK`] above the least busy one leaves the next connection to
+/// the others: which worker wins the race to `accept` is otherwise down to
+/// which one the kernel wakes first.
+struct Balance {
+    open: Vec<AtomicUsize>,
+    /// Fires when a count changes.
+    changed: Notify,
+}
+
+impl Balance {
+    const SLACK: usize = 4;
+
+    fn ahead(&self, worker: usize) -> bool {
+        let mine = self.open[worker].load(Ordering::Relaxed);
+        self.open.iter().any(|o| o.load(Ordering::Relaxed) + Self::SLACK < mine)
     }
 
-    /// The worker with the fewest open connections.
-    fn least_busy(&self) -> Option<&Worker> {
-        self.workers.iter().min_by_key(|w| w.open.load(Ordering::Relaxed))
+    /// Waits until `worker` is not ahead of the others.
+    async fn turn(&self, worker: usize) {
+        loop {
+            let changed = self.changed.notified();
+            if !self.ahead(worker) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Counts a connection on `worker`, here and in `gauge`, while the
+    /// value lives.
+    fn add(self: &Arc<Self>, worker: usize, gauge: Gauge) -> Counted {
+        self.open[worker].fetch_add(1, Ordering::Relaxed);
+        gauge.inc();
+        self.changed.notify_waiters();
+        Counted { balance: self.clone(), worker, gauge }
+    }
+}
+
+/// A connection counted on its worker.
+struct Counted {
+    balance: Arc<Balance>,
+    worker: usize,
+    gauge: Gauge,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.balance.open[self.worker].fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+        self.balance.changed.notify_waiters();
     }
 }
 
@@ -107,18 +157,10 @@ impl Drop for Workers {
     }
 }
 
-/// Counts a connection on its worker while it is open.
-struct Open(Arc<AtomicUsize>);
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Accepts connections until `stop` fires; every connection runs on
-/// `tracker`, so that the drain can wait for them, on the least busy of
-/// `workers` (or here when there are none).
+/// `tracker`, so that the drain can wait for them. With `workers`, each
+/// worker accepts on its own copy of the listening socket and serves what it
+/// accepted; without, connections are accepted and served here.
 pub async fn accept_loop(
     listener: TcpListener,
     side: Side,
@@ -127,13 +169,68 @@ pub async fn accept_loop(
     tracker: &TaskTracker,
     workers: Option<&Workers>,
 ) {
-    // The connection bound is fixed at start; a reload changes the rest.
+    // The connection bound is fixed at start and shared by the workers; a
+    // reload changes the rest.
     let permits = Arc::new(Semaphore::new(current.borrow().config.limits.max_connections));
+    let Some(workers) = workers.filter(|w| !w.is_empty()) else {
+        return accept(listener, side, current, stop, tracker.clone(), permits, None).await;
+    };
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "the listening socket could not be shared with the workers");
+            return;
+        }
+    };
+    let mut loops = Vec::with_capacity(workers.len());
+    for (worker, handle) in workers.handles.iter().enumerate() {
+        // A duplicate descriptor of the same socket, registered with the
+        // worker's own event loop; whichever worker is free takes the
+        // connection, the others find nothing to accept.
+        let copy = match listener.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "the listening socket could not be shared with a worker");
+                continue;
+            }
+        };
+        let (current, stop, tracker, permits) = (current.clone(), stop.clone(), tracker.clone(), permits.clone());
+        let balance = Some((workers.balance.clone(), worker));
+        loops.push(handle.spawn(async move {
+            match TcpListener::from_std(copy) {
+                Ok(listener) => accept(listener, side, current, stop, tracker, permits, balance).await,
+                Err(e) => tracing::error!(error = %e, "a worker could not listen"),
+            }
+        }));
+    }
+    drop(listener);
+    for l in loops {
+        let _ = l.await;
+    }
+}
+
+/// One accept loop: takes a connection slot, waits for its worker's turn,
+/// accepts, serves the connection on this runtime.
+async fn accept(
+    listener: TcpListener,
+    side: Side,
+    current: watch::Receiver<Arc<App>>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    permits: Arc<Semaphore>,
+    balance: Option<(Arc<Balance>, usize)>,
+) {
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = stop.cancelled() => break,
         };
+        if let Some((balance, worker)) = &balance {
+            tokio::select! {
+                _ = balance.turn(*worker) => {}
+                _ = stop.cancelled() => break,
+            }
+        }
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(ok) => ok,
@@ -151,37 +248,20 @@ pub async fn accept_loop(
         let tls = if side == Side::Public { app.tls.clone() } else { None };
         let conn = Conn { peer, side, tls, app, current: current.clone(), stop: stop.clone() };
         let span = tracing::debug_span!("conn", client = %peer);
-        let serve = |stream: TcpStream| {
+        let counted = balance.as_ref().map(|(b, worker)| {
+            let label = WorkerLabel { worker: *worker as u32 + 1 };
+            b.add(*worker, conn.app.metrics.worker_connections.get_or_create(&label).clone())
+        });
+        tracker.spawn(
             async move {
+                let _counted = counted;
                 conn.app.metrics.connections_open.inc();
                 conn.serve(stream).await;
                 conn.app.metrics.connections_open.dec();
                 drop(permit);
             }
-            .instrument(span)
-        };
-        let Some(worker) = workers.and_then(Workers::least_busy) else {
-            tracker.spawn(serve(stream));
-            continue;
-        };
-        // The socket moves to the worker's event loop: out of this one's
-        // epoll set, into the worker's.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "could not hand a connection to a worker");
-                continue;
-            }
-        };
-        worker.open.fetch_add(1, Ordering::Relaxed);
-        let open = Open(worker.open.clone());
-        worker.handle.spawn(tracker.track_future(async move {
-            let _open = open;
-            match TcpStream::from_std(stream) {
-                Ok(stream) => serve(stream).await,
-                Err(e) => tracing::warn!(error = %e, "a worker could not take a connection"),
-            }
-        }));
+            .instrument(span),
+        );
     }
 }
 
@@ -361,5 +441,42 @@ impl Conn {
         if let Err(e) = result {
             tracing::debug!(error = %e, "connection ended with an error");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    fn balance(open: &[usize]) -> Arc<Balance> {
+        Arc::new(Balance { open: open.iter().map(|&n| AtomicUsize::new(n)).collect(), changed: Notify::new() })
+    }
+
+    #[test]
+    fn a_worker_is_ahead_only_past_the_slack() {
+        let b = balance(&[Balance::SLACK, 0]);
+        assert!(!b.ahead(0), "within the slack");
+        assert!(!b.ahead(1), "the least busy one is never ahead");
+        let b = balance(&[Balance::SLACK + 1, 0, 9]);
+        assert!(b.ahead(0));
+        assert!(!b.ahead(1));
+        assert!(b.ahead(2));
+    }
+
+    #[tokio::test]
+    async fn a_worker_ahead_waits_until_the_others_catch_up() {
+        let b = balance(&[Balance::SLACK + 2, 0]);
+        let mut turn = std::pin::pin!(b.turn(0));
+        assert!((&mut turn).now_or_never().is_none(), "worker 1 went on while ahead");
+        let mut counted = vec![b.add(1, Gauge::default())];
+        assert!((&mut turn).now_or_never().is_none(), "worker 1 went on while still ahead");
+        counted.push(b.add(1, Gauge::default()));
+        tokio::time::timeout(Duration::from_secs(5), turn).await.expect("worker 1 was not let on");
+        drop(counted);
+        assert_eq!(b.open[1].load(Ordering::Relaxed), 0, "closed connections stay counted");
     }
 }

@@ -139,6 +139,7 @@ async fn metrics_cover_the_contract_with_bounded_labels() {
     config.routes.push(support::route("/dead", &format!("http://{}", dead.addr)));
     config.sse.keepalive = Duration::from_millis(50);
     config.handoff.ttl = Duration::from_secs(1);
+    let workers = config.server.workers;
     let proxy = Proxy::start(config).await;
     let http = client();
     let sse = |path: &str| {
@@ -281,8 +282,9 @@ async fn metrics_cover_the_contract_with_bounded_labels() {
     assert_eq!(histogram(&m, "ssegate_events_per_second", &dead_route).0, 0.0, "\n{text}");
 
     // Bounded cardinality: the only labels are route (a configured
-    // prefix), outcome, type, reason and a histogram's le; their values are
-    // short identifiers, never a token, a path or a query.
+    // prefix), outcome, type, reason, worker (a worker's number) and a
+    // histogram's le; their values are short identifiers, never a token, a
+    // path or a query.
     let prefixes = ["/v1", "/dead"];
     let mut label_values = BTreeSet::new();
     for s in &m.samples {
@@ -292,6 +294,11 @@ async fn metrics_cover_the_contract_with_bounded_labels() {
                 "outcome" | "type" | "reason" => assert!(
                     !v.is_empty() && v.len() <= 32 && v.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
                     "{}: {k}={v:?} is not a short identifier",
+                    s.metric
+                ),
+                "worker" => assert!(
+                    v.parse::<usize>().is_ok_and(|w| w >= 1 && w <= workers),
+                    "{}: worker={v:?} is not a worker's number",
                     s.metric
                 ),
                 other => panic!("{}: unexpected label {other}={v:?}", s.metric),

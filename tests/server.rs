@@ -1,6 +1,8 @@
 //! The listener: the header timeout against stalled sockets, and the drain
 //! on shutdown.
 
+#[path = "support/handoff.rs"]
+mod handoff_support;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -176,6 +178,49 @@ async fn shutdown_with_nothing_open_returns_at_once() {
 
 /// Raises this process's open-files limit to its hard limit (the test opens
 /// more sockets than a default soft limit of 1,024 allows).
+/// `ssegate_worker_connections` for workers 1 and 2.
+async fn per_worker(proxy: &Proxy) -> (f64, f64) {
+    let text = handoff_support::metrics_text(proxy.admin).await;
+    let one = handoff_support::metric(&text, r#"ssegate_worker_connections{worker="1"}"#);
+    let two = handoff_support::metric(&text, r#"ssegate_worker_connections{worker="2"}"#);
+    (one, two)
+}
+
+/// Polls the per-worker gauge until `done` holds, failing after 10 s.
+async fn per_worker_until(proxy: &Proxy, what: &str, done: impl Fn(f64, f64) -> bool) -> (f64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (one, two) = per_worker(proxy).await;
+        if done(one, two) {
+            return (one, two);
+        }
+        assert!(Instant::now() < deadline, "waited 10 s for {what}; the workers hold {one} and {two}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn connections_are_spread_evenly_over_the_workers() {
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let mut config = support::config(upstream.addr);
+    config.server.workers = 2;
+    let proxy = Proxy::start(config).await;
+
+    // 40 clients connect at once and hold their connections.
+    let connects = (0..40).map(|_| TcpStream::connect(proxy.addr));
+    let open: Vec<TcpStream> = futures_util::future::try_join_all(connects).await.expect("connect");
+    let (one, two) = per_worker_until(&proxy, "40 connections", |a, b| a + b == 40.0).await;
+    // A worker takes the next connection only while it holds at most 4 more
+    // than the other.
+    assert!((one - two).abs() <= 5.0, "uneven: {one} and {two}");
+
+    // They are served where they were accepted, and counted off when closed.
+    let resp = client().get(proxy.url("/v1/x")).send().await.unwrap();
+    assert_eq!(body_text(resp).await, "ok");
+    drop(open);
+    per_worker_until(&proxy, "the connections to close", |a, b| a + b == 0.0).await;
+}
+
 fn raise_open_files() -> u64 {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit only read and write `lim`.

@@ -12,7 +12,8 @@
 # ROUNDS (default 3) how often the typing, flat and handoff scenarios run
 # (the table shows the median), QUIET_WAIT (default 60) how many seconds to wait
 # at most for the machine to be idle before starting. SCENARIOS (default
-# "idle typing handoff fanin flat large") picks which scenarios run.
+# "idle typing handoff fanin flat large") picks which scenarios run, SSEGATE_BIN
+# (default target/release/ssegate) which ssegate binary is measured.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -62,7 +63,7 @@ cargo build --release -q
 load=$(cargo bench --bench load --no-run --message-format=json -q 2>/dev/null |
   grep -o '"executable":"[^"]*/load-[0-9a-f]*"' | tail -1 | cut -d'"' -f4)
 [ -x "$load" ] || { echo "error: the load bench binary was not built" >&2; exit 1; }
-ssegate=$root/target/release/ssegate
+ssegate=${SSEGATE_BIN:-$root/target/release/ssegate}
 
 for port in "$up_port" "$sg_port" "$ng_port" "$admin_port"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
