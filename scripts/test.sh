@@ -27,4 +27,4 @@ export SSEGATE_TEST_PYTHON="$PWD/$venv/bin/python"
 
 # Incremental caches only help repeated local builds; CI builds once.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-cargo test --all-targets --locked
+cargo test --workspace --all-targets --locked

@@ -2,10 +2,10 @@
 //! and the table. Run everything with `benches/load/run.sh`.
 //!
 //! ```text
-//! load upstream --listen 127.0.0.1:18080
-//! load client --url 'http://127.0.0.1:18081/v1/stream?n=200&size=64&interval_ms=20&format=sse' \
+//! ssegate-load upstream --listen 127.0.0.1:18080
+//! ssegate-load client --url 'http://127.0.0.1:18081/v1/stream?n=200&size=64&interval_ms=20&format=sse' \
 //!      --streams 100 [--handoff] [--pid PID] [--idle-hold-ms 2000] --scenario typing --target ssegate
-//! load report results.jsonl
+//! ssegate-load report results.jsonl
 //! ```
 //!
 //! The upstream answers `GET`/`POST /ANY/PATH?n=N&size=S&interval_ms=I&format=sse|ndjson|text`
@@ -46,7 +46,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "load", about = "ssegate load harness: fake upstream, load client, table")]
+#[command(name = "ssegate-load", about = "ssegate load harness: fake upstream, load client, table")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -120,13 +120,6 @@ struct ClientArgs {
 }
 
 fn main() {
-    // `cargo bench` runs every bench target with `--bench`, and `cargo test
-    // --all-targets` runs it with no argument: nothing to do then.
-    let first = std::env::args().nth(1);
-    if !matches!(first.as_deref(), Some("upstream" | "client" | "report" | "help" | "--help" | "-h")) {
-        println!("load: the ssegate load harness; run benches/load/run.sh (subcommands: upstream, client, report)");
-        return;
-    }
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Upstream { listen, threads } => runtime(threads).block_on(upstream(listen)),

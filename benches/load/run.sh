@@ -58,11 +58,9 @@ if [ -z "$nginx_bin" ]; then
   nginx_bin=/usr/sbin/nginx
 fi
 
-echo "building (cargo build --release; cargo bench --bench load --no-run)"
-cargo build --release -q
-load=$(cargo bench --bench load --no-run --message-format=json -q 2>/dev/null |
-  grep -o '"executable":"[^"]*/load-[0-9a-f]*"' | tail -1 | cut -d'"' -f4)
-[ -x "$load" ] || { echo "error: the load bench binary was not built" >&2; exit 1; }
+echo "building (cargo build --release -p ssegate -p ssegate-load)"
+cargo build --release -q -p ssegate -p ssegate-load
+load=$root/target/release/ssegate-load
 ssegate=${SSEGATE_BIN:-$root/target/release/ssegate}
 
 for port in "$up_port" "$sg_port" "$ng_port" "$admin_port"; do
