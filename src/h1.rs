@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -358,9 +359,12 @@ async fn exchange(mut io: Io, wire: &[u8], method: &Method) -> Result<Head, Fail
 /// interim `1xx` heads; `None` while the head is incomplete.
 fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<(http::response::Parts, Framing, bool)>, H1Error> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut slots);
-        let len = match resp.parse(buf) {
+        // Uninitialised slots: zeroing 128 of them cost more than parsing a
+        // small head.
+        let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+        {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => return Err(H1Error::Malformed("more than 128 headers")),
@@ -394,29 +398,29 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<(http::respo
 
 /// How the body ends (RFC 9112 §6.3) and whether the connection outlives it.
 fn framing(method: &Method, status: StatusCode, version: Version, h: &HeaderMap) -> Result<(Framing, bool), H1Error> {
+    // The comma-separated tokens of every `name` field, trimmed, empty ones
+    // left out (a value that is not text counts as empty).
     let tokens = |name: HeaderName| {
         h.get_all(name)
-            .iter()
+            .into_iter()
             .flat_map(|v| v.to_str().unwrap_or("").split(','))
-            .map(|t| t.trim().to_ascii_lowercase())
+            .map(str::trim)
             .filter(|t| !t.is_empty())
-            .collect::<Vec<_>>()
     };
-    let close = version == Version::HTTP_10 || tokens(header::CONNECTION).iter().any(|t| t == "close");
+    let close = version == Version::HTTP_10 || tokens(header::CONNECTION).any(|t| t.eq_ignore_ascii_case("close"));
     if method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Empty, !close));
     }
-    let te = tokens(header::TRANSFER_ENCODING);
-    if !te.is_empty() {
-        if te.last().map(String::as_str) == Some("chunked") {
+    if let Some(last) = tokens(header::TRANSFER_ENCODING).next_back() {
+        if last.eq_ignore_ascii_case("chunked") {
             let reusable = !close && !h.contains_key(header::CONTENT_LENGTH);
             return Ok((Framing::Chunked(Chunked::Size { size: 0, digits: 0, ext: false, line: 0 }), reusable));
         }
         return Ok((Framing::Close, false));
     }
-    let lengths = tokens(header::CONTENT_LENGTH);
-    if let Some(first) = lengths.first() {
-        if lengths.iter().any(|l| l != first) {
+    let mut lengths = tokens(header::CONTENT_LENGTH);
+    if let Some(first) = lengths.next() {
+        if lengths.any(|l| l != first) {
             return Err(H1Error::Malformed("conflicting Content-Length values"));
         }
         if first.is_empty() || first.len() > 19 || !first.bytes().all(|b| b.is_ascii_digit()) {
@@ -729,6 +733,67 @@ impl http_body::Body for Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The framing and reuse a response head gets, as text: `chunked`,
+    /// `length N`, `close`, `empty`, with `+reuse` when the connection is
+    /// kept; or the error.
+    fn framed(head: &str, method: Method) -> String {
+        let mut buf = BytesMut::from(head);
+        match parse_head(&mut buf, &method) {
+            Ok(Some((_, framing, reuse))) => {
+                let kind = match framing {
+                    Framing::Empty => "empty".to_string(),
+                    Framing::Length(n) => format!("length {n}"),
+                    Framing::Chunked(_) => "chunked".to_string(),
+                    Framing::Close => "close".to_string(),
+                    Framing::Done => "done".to_string(),
+                };
+                if reuse {
+                    format!("{kind}+reuse")
+                } else {
+                    kind
+                }
+            }
+            Ok(None) => "partial".to_string(),
+            Err(H1Error::Malformed(m)) => m.to_string(),
+            Err(e) => format!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_response_head_is_framed_as_rfc_9112_says() {
+        let get = || Method::GET;
+        let ok = "HTTP/1.1 200 OK\r\n";
+        let cases: &[(&str, &str)] = &[
+            ("transfer-encoding: chunked\r\n", "chunked+reuse"),
+            ("Transfer-Encoding: gzip, CHUNKED\r\n", "chunked+reuse"),
+            ("transfer-encoding: chunked\r\nconnection: keep-alive, Close\r\n", "chunked"),
+            ("transfer-encoding: chunked, gzip\r\n", "close"),
+            ("transfer-encoding: chunked\r\ncontent-length: 5\r\n", "chunked"),
+            ("content-length: 12\r\n", "length 12+reuse"),
+            ("content-length: 12, 12\r\ncontent-length: 12\r\n", "length 12+reuse"),
+            ("content-length: 12\r\ncontent-length: 13\r\n", "conflicting Content-Length values"),
+            ("content-length: -1\r\n", "invalid Content-Length"),
+            ("content-length: 99999999999999999999\r\n", "invalid Content-Length"),
+            ("content-type: text/event-stream\r\n", "close"),
+            ("connection: ,\r\ncontent-length: 0\r\n", "length 0+reuse"),
+        ];
+        for (fields, want) in cases {
+            assert_eq!(framed(&format!("{ok}{fields}\r\n"), get()), *want, "{fields:?}");
+        }
+        assert_eq!(framed("HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\n", get()), "length 3");
+        assert_eq!(framed("HTTP/1.1 204 No Content\r\n\r\n", get()), "empty+reuse");
+        assert_eq!(framed("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", Method::HEAD), "empty+reuse");
+        assert_eq!(
+            framed("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n", get()),
+            "length 1+reuse"
+        );
+        assert_eq!(framed("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n", get()), "partial");
+        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("x-{i}: y\r\n")).collect();
+        assert_eq!(framed(&format!("{ok}{many}\r\n"), get()), "more than 128 headers");
+        let most: String = (0..MAX_HEADERS - 1).map(|i| format!("x-{i}: y\r\n")).collect();
+        assert_eq!(framed(&format!("{ok}{most}content-length: 2\r\n\r\n"), get()), "length 2+reuse");
+    }
 
     /// Runs the chunked decoder over `input` cut at every byte and whole;
     /// returns the data and whether it reached the end.

@@ -16,6 +16,22 @@ use ssegate::{demo, Listeners};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read when it starts (`_RJEM_MALLOC_CONF` in the
+/// environment still overrides them): slabs of 8 pages for the 4–16 KiB size
+/// classes, instead of one or two. A connection's 8 KiB buffers then mostly
+/// come from a slab already mapped, where each used to take and return a
+/// page run: 72.8 k → 67.7 k instructions to set up a stream (callgrind), the
+/// same RSS per idle stream.
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: MallocConf = MallocConf(c"slab_sizes:4097-16384:8".as_ptr());
+
+/// A C string pointer, as jemalloc reads `malloc_conf`.
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: it points to a string literal, which nothing writes.
+unsafe impl Sync for MallocConf {}
+
 #[derive(Parser)]
 #[command(name = "ssegate", version, about = "Clean Server-Sent Events in front of LLM inference servers")]
 struct Cli {

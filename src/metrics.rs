@@ -30,6 +30,8 @@ pub struct RouteMeters {
     /// `streams_ended` for the two usual outcomes.
     pub complete: Counter,
     pub client_gone: Counter,
+    /// `requests` with the outcome `ok`.
+    pub requests_ok: Counter,
 }
 
 /// Labels for how a stream or request ended.
@@ -190,6 +192,10 @@ impl Metrics {
             events_per_second: self.events_per_second.get_or_create(label).clone(),
             complete: ended("complete"),
             client_gone: ended("client_gone"),
+            requests_ok: self
+                .requests
+                .get_or_create(&OutcomeLabels { route: label.route.clone(), outcome: "ok" })
+                .clone(),
         }
     }
 

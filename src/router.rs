@@ -169,7 +169,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> Re
         Ok(_) => "ok",
         Err(e) => e.kind(),
     };
-    app.metrics.requests.get_or_create(&OutcomeLabels { route: route.prefix.clone(), outcome }).inc();
+    match outcome {
+        "ok" => route.meters.requests_ok.inc(),
+        _ => app.metrics.requests.get_or_create(&OutcomeLabels { route: route.prefix.clone(), outcome }).inc(),
+    };
     match result {
         Ok(resp) => resp,
         Err(e) => {

@@ -220,6 +220,14 @@ async fn accept(
     permits: Arc<Semaphore>,
     balance: Option<(Arc<Balance>, usize)>,
 ) {
+    // The metrics outlive reloads: the worker's gauge is taken once.
+    let gauge = match &balance {
+        Some((_, worker)) => {
+            let label = WorkerLabel { worker: *worker as u32 + 1 };
+            current.borrow().metrics.worker_connections.get_or_create(&label).clone()
+        }
+        None => Gauge::default(),
+    };
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -248,10 +256,7 @@ async fn accept(
         let tls = if side == Side::Public { app.tls.clone() } else { None };
         let conn = Conn { peer, side, tls, app, current: current.clone(), stop: stop.clone() };
         let span = tracing::debug_span!("conn", client = %peer);
-        let counted = balance.as_ref().map(|(b, worker)| {
-            let label = WorkerLabel { worker: *worker as u32 + 1 };
-            b.add(*worker, conn.app.metrics.worker_connections.get_or_create(&label).clone())
-        });
+        let counted = balance.as_ref().map(|(b, worker)| b.add(*worker, gauge.clone()));
         tracker.spawn(
             async move {
                 let _counted = counted;
