@@ -13,14 +13,13 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-
-use prometheus_client::metrics::gauge::Gauge;
 
 use crate::body::BoxError;
 use crate::metrics::WorkerLabel;
@@ -209,7 +208,7 @@ pub async fn accept_loop(
     }
 }
 
-/// One accept loop: takes a connection slot, waits for its worker's turn,
+/// One accept loop: waits for its worker's turn, takes a connection slot,
 /// accepts, serves the connection on this runtime.
 async fn accept(
     listener: TcpListener,
@@ -229,16 +228,18 @@ async fn accept(
         None => Gauge::default(),
     };
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stop.cancelled() => break,
-        };
+        // The turn first: a worker that waits for the others holds no slot
+        // they could use.
         if let Some((balance, worker)) = &balance {
             tokio::select! {
                 _ = balance.turn(*worker) => {}
                 _ = stop.cancelled() => break,
             }
         }
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.cancelled() => break,
+        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(ok) => ok,
