@@ -164,14 +164,16 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> Re
         return Error::NotFound.into_response();
     };
     let result = proxy::forward(&app, &route, req, conn).await;
-    let outcome = match &result {
-        Ok(resp) if resp.status().as_u16() >= 400 => "upstream_status",
-        Ok(_) => "ok",
-        Err(e) => e.kind(),
+    let failed = match &result {
+        Ok(resp) if resp.status().as_u16() >= 400 => Some("upstream_status"),
+        Ok(_) => None,
+        Err(e) => Some(e.kind()),
     };
-    match outcome {
-        "ok" => route.meters.requests_ok.inc(),
-        _ => app.metrics.requests.get_or_create(&OutcomeLabels { route: route.prefix.clone(), outcome }).inc(),
+    match failed {
+        None => route.meters.requests_ok.inc(),
+        Some(outcome) => {
+            app.metrics.requests.get_or_create(&OutcomeLabels { route: route.prefix.clone(), outcome }).inc()
+        }
     };
     match result {
         Ok(resp) => resp,

@@ -135,6 +135,14 @@ impl Balance {
     }
 }
 
+/// A worker's place in the [`Balance`], with its `ssegate_worker_connections`
+/// gauge.
+struct Seat {
+    balance: Arc<Balance>,
+    worker: usize,
+    gauge: Gauge,
+}
+
 /// A connection counted on its worker.
 struct Counted {
     balance: Arc<Balance>,
@@ -194,10 +202,13 @@ pub async fn accept_loop(
             }
         };
         let (current, stop, tracker, permits) = (current.clone(), stop.clone(), tracker.clone(), permits.clone());
-        let balance = Some((workers.balance.clone(), worker));
+        // The metrics outlive reloads: the gauge is taken once.
+        let label = WorkerLabel { worker: worker as u32 + 1 };
+        let gauge = current.borrow().metrics.worker_connections.get_or_create(&label).clone();
+        let seat = Some(Seat { balance: workers.balance.clone(), worker, gauge });
         loops.push(handle.spawn(async move {
             match TcpListener::from_std(copy) {
-                Ok(listener) => accept(listener, side, current, stop, tracker, permits, balance).await,
+                Ok(listener) => accept(listener, side, current, stop, tracker, permits, seat).await,
                 Err(e) => tracing::error!(error = %e, "a worker could not listen"),
             }
         }));
@@ -217,22 +228,14 @@ async fn accept(
     stop: CancellationToken,
     tracker: TaskTracker,
     permits: Arc<Semaphore>,
-    balance: Option<(Arc<Balance>, usize)>,
+    seat: Option<Seat>,
 ) {
-    // The metrics outlive reloads: the worker's gauge is taken once.
-    let gauge = match &balance {
-        Some((_, worker)) => {
-            let label = WorkerLabel { worker: *worker as u32 + 1 };
-            current.borrow().metrics.worker_connections.get_or_create(&label).clone()
-        }
-        None => Gauge::default(),
-    };
     loop {
         // The turn first: a worker that waits for the others holds no slot
         // they could use.
-        if let Some((balance, worker)) = &balance {
+        if let Some(seat) = &seat {
             tokio::select! {
-                _ = balance.turn(*worker) => {}
+                _ = seat.balance.turn(seat.worker) => {}
                 _ = stop.cancelled() => break,
             }
         }
@@ -257,7 +260,7 @@ async fn accept(
         let tls = if side == Side::Public { app.tls.clone() } else { None };
         let conn = Conn { peer, side, tls, app, current: current.clone(), stop: stop.clone() };
         let span = tracing::debug_span!("conn", client = %peer);
-        let counted = balance.as_ref().map(|(b, worker)| b.add(*worker, gauge.clone()));
+        let counted = seat.as_ref().map(|s| s.balance.add(s.worker, s.gauge.clone()));
         tracker.spawn(
             async move {
                 let _counted = counted;
@@ -481,7 +484,8 @@ mod tests {
         let mut counted = vec![b.add(1, Gauge::default())];
         assert!((&mut turn).now_or_never().is_none(), "worker 1 went on while still ahead");
         counted.push(b.add(1, Gauge::default()));
-        tokio::time::timeout(Duration::from_secs(5), turn).await.expect("worker 1 was not let on");
+        let went_on = tokio::time::timeout(Duration::from_secs(5), turn).await;
+        assert!(went_on.is_ok(), "worker 1 was not let on once worker 2 caught up");
         drop(counted);
         assert_eq!(b.open[1].load(Ordering::Relaxed), 0, "closed connections stay counted");
     }
