@@ -16,13 +16,15 @@ use ssegate::{demo, Listeners};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read when it starts (`_RJEM_MALLOC_CONF` in the
+/// jemalloc's options, read when it starts (`MALLOC_CONF` in the
 /// environment still overrides them): slabs of 8 pages for the 4–16 KiB size
 /// classes, instead of one or two. A connection's 8 KiB buffers then mostly
 /// come from a slab already mapped, where each used to take and return a
 /// page run: 72.8 k → 67.7 k instructions to set up a stream (callgrind), the
-/// same RSS per idle stream.
-#[export_name = "_rjem_malloc_conf"]
+/// same RSS per idle stream. jemalloc is built unprefixed (Cargo.toml), so
+/// the symbol is plain `malloc_conf`, the name Debian's libjemalloc reads too
+/// (`tests/cli.rs` checks that it is read).
+#[export_name = "malloc_conf"]
 static MALLOC_CONF: MallocConf = MallocConf(c"slab_sizes:4097-16384:8".as_ptr());
 
 /// A C string pointer, as jemalloc reads `malloc_conf`.

@@ -337,3 +337,25 @@ async fn demo_prints_a_curl_line_that_streams() {
     sigterm(&child);
     assert_eq!(exit_code(&mut child).await, Some(0));
 }
+
+/// jemalloc, the binary's allocator, takes the options `src/main.rs` gives
+/// it: the `malloc_conf` symbol has the name the linked jemalloc reads
+/// (vendored or Debian's), and the idle-memory and set-up figures in the
+/// README depend on those options.
+#[tokio::test]
+async fn the_allocator_takes_the_binary_s_options() {
+    let out = Command::new(BIN)
+        .arg("--version")
+        .env("MALLOC_CONF", "confirm_conf:true")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out).await.expect("ssegate did not exit").unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("global variable malloc_conf): \"slab_sizes:4097-16384:8\""),
+        "jemalloc did not read the binary's malloc_conf:\n{stderr}"
+    );
+    assert!(stderr.contains("Set conf value: slab_sizes:4097-16384:8"), "{stderr}");
+}
