@@ -125,36 +125,43 @@ impl Balance {
         }
     }
 
-    /// Counts a connection on `worker`, here and in `gauge`, while the
-    /// value lives.
-    fn add(self: &Arc<Self>, worker: usize, gauge: Gauge) -> Counted {
-        self.open[worker].fetch_add(1, Ordering::Relaxed);
-        gauge.inc();
+    /// Takes `worker` out of the balance for good (it has no accept loop):
+    /// a count no other worker can be ahead of, so none waits for it.
+    fn retire(&self, worker: usize) {
+        self.open[worker].store(usize::MAX / 2, Ordering::Relaxed);
         self.changed.notify_waiters();
-        Counted { balance: self.clone(), worker, gauge }
     }
 }
 
 /// A worker's place in the [`Balance`], with its `ssegate_worker_connections`
 /// gauge.
+#[derive(Clone)]
 struct Seat {
     balance: Arc<Balance>,
     worker: usize,
     gauge: Gauge,
 }
 
-/// A connection counted on its worker.
-struct Counted {
-    balance: Arc<Balance>,
-    worker: usize,
-    gauge: Gauge,
+impl Seat {
+    /// Counts a connection on this worker, in the balance and the gauge,
+    /// while the value lives.
+    fn count(&self) -> Counted {
+        self.balance.open[self.worker].fetch_add(1, Ordering::Relaxed);
+        self.gauge.inc();
+        self.balance.changed.notify_waiters();
+        Counted(self.clone())
+    }
 }
+
+/// A connection counted on its worker.
+struct Counted(Seat);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.balance.open[self.worker].fetch_sub(1, Ordering::Relaxed);
-        self.gauge.dec();
-        self.balance.changed.notify_waiters();
+        let seat = &self.0;
+        seat.balance.open[seat.worker].fetch_sub(1, Ordering::Relaxed);
+        seat.gauge.dec();
+        seat.balance.changed.notify_waiters();
     }
 }
 
@@ -198,6 +205,7 @@ pub async fn accept_loop(
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "the listening socket could not be shared with a worker");
+                workers.balance.retire(worker);
                 continue;
             }
         };
@@ -205,11 +213,14 @@ pub async fn accept_loop(
         // The metrics outlive reloads: the gauge is taken once.
         let label = WorkerLabel { worker: worker as u32 + 1 };
         let gauge = current.borrow().metrics.worker_connections.get_or_create(&label).clone();
-        let seat = Some(Seat { balance: workers.balance.clone(), worker, gauge });
+        let seat = Seat { balance: workers.balance.clone(), worker, gauge };
         loops.push(handle.spawn(async move {
             match TcpListener::from_std(copy) {
-                Ok(listener) => accept(listener, side, current, stop, tracker, permits, seat).await,
-                Err(e) => tracing::error!(error = %e, "a worker could not listen"),
+                Ok(listener) => accept(listener, side, current, stop, tracker, permits, Some(seat)).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "a worker could not listen");
+                    seat.balance.retire(seat.worker);
+                }
             }
         }));
     }
@@ -260,7 +271,7 @@ async fn accept(
         let tls = if side == Side::Public { app.tls.clone() } else { None };
         let conn = Conn { peer, side, tls, app, current: current.clone(), stop: stop.clone() };
         let span = tracing::debug_span!("conn", client = %peer);
-        let counted = seat.as_ref().map(|s| s.balance.add(s.worker, s.gauge.clone()));
+        let counted = seat.as_ref().map(Seat::count);
         tracker.spawn(
             async move {
                 let _counted = counted;
@@ -481,12 +492,24 @@ mod tests {
         let b = balance(&[Balance::SLACK + 2, 0]);
         let mut turn = std::pin::pin!(b.turn(0));
         assert!((&mut turn).now_or_never().is_none(), "worker 1 went on while ahead");
-        let mut counted = vec![b.add(1, Gauge::default())];
+        let seat = Seat { balance: b.clone(), worker: 1, gauge: Gauge::default() };
+        let mut counted = vec![seat.count()];
         assert!((&mut turn).now_or_never().is_none(), "worker 1 went on while still ahead");
-        counted.push(b.add(1, Gauge::default()));
+        counted.push(seat.count());
         let went_on = tokio::time::timeout(Duration::from_secs(5), turn).await;
         assert!(went_on.is_ok(), "worker 1 was not let on once worker 2 caught up");
         drop(counted);
         assert_eq!(b.open[1].load(Ordering::Relaxed), 0, "closed connections stay counted");
+    }
+
+    #[tokio::test]
+    async fn a_worker_without_an_accept_loop_holds_no_one_back() {
+        let b = balance(&[Balance::SLACK + 2, 0]);
+        let mut turn = std::pin::pin!(b.turn(0));
+        assert!((&mut turn).now_or_never().is_none(), "worker 1 went on while ahead");
+        b.retire(1);
+        let went_on = tokio::time::timeout(Duration::from_secs(5), turn).await;
+        assert!(went_on.is_ok(), "worker 1 waited for a worker that accepts nothing");
+        assert!(!b.ahead(0));
     }
 }
