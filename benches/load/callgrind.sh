@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# User-space instructions per event of one ssegate worker, counted by
+# callgrind (valgrind; installed with apt-get when missing). Unlike CPU time,
+# the count hardly moves with other work on the machine, so small changes
+# show. Uses the binaries benches/load/run.sh builds (run it once first).
+#
+#   benches/load/callgrind.sh                          # typing pace: 10 streams × 200 events, 20 ms apart
+#   STREAMS=200 EVENTS=60 INTERVAL_MS=100 benches/load/callgrind.sh   # fan-in pace
+#   STREAMS=200 EVENTS=1 benches/load/callgrind.sh     # set-up: instructions per stream
+#
+# SSEGATE_BIN picks another ssegate binary. The count covers everything the
+# worker does from the first connection of the measured run to its last
+# event (set-up included), after a warm-up run of 10 streams. Ports 18080
+# (fake upstream) and 18081/18091 (ssegate) on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+bin_dir=$root/target/load-build/debian/release
+load=$bin_dir/ssegate-load
+ssegate=${SSEGATE_BIN:-$bin_dir/ssegate}
+streams=${STREAMS:-10}
+events=${EVENTS:-200}
+interval=${INTERVAL_MS:-20}
+out=$root/target/load/callgrind
+mkdir -p "$out"
+
+if [ ! -x "$load" ] || [ ! -x "$ssegate" ]; then
+  echo "error: $load or $ssegate is missing; run benches/load/run.sh first" >&2
+  exit 1
+fi
+if ! command -v valgrind >/dev/null; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "installing valgrind (apt-get)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends valgrind >/dev/null
+fi
+
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+"$load" upstream --listen 127.0.0.1:18080 2>"$out/upstream.log" &
+pids+=($!)
+cat >"$out/ssegate.toml" <<EOF
+[server]
+listen = "127.0.0.1:18081"
+admin_listen = "127.0.0.1:18091"
+workers = 1
+
+[limits]
+max_streams = 20000
+max_connections = 20000
+
+[[routes]]
+prefix = "/v1"
+upstream = "http://127.0.0.1:18080"
+EOF
+rm -f "$out"/callgrind.out*
+RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" --dump-instr=no \
+  "$ssegate" --config "$out/ssegate.toml" 2>"$out/valgrind.log" &
+vg=$!
+pids+=("$vg")
+for _ in $(seq 300); do
+  if (exec 3<>/dev/tcp/127.0.0.1/18081) 2>/dev/null; then break; fi
+  sleep 0.1
+done
+
+url=http://127.0.0.1:18081/v1/stream
+"$load" client --scenario typing --target warmup --streams 10 \
+  --url "$url?n=20&size=64&interval_ms=20&format=sse" >/dev/null
+callgrind_control --zero "$vg" >/dev/null
+"$load" client --scenario typing --target ssegate --streams "$streams" \
+  --url "$url?n=$events&size=64&interval_ms=$interval&format=sse" >"$out/client.json"
+callgrind_control --dump "$vg" >/dev/null
+
+total=$(callgrind_annotate "$out/callgrind.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+delivered=$(grep -o '"events":[0-9]*' "$out/client.json" | head -1 | cut -d: -f2)
+echo "ssegate: $ssegate"
+echo "$streams streams × $events events, $interval ms apart: $delivered events, $total instructions," \
+  "$((total / delivered)) per event, $((total / streams)) per stream"
+echo "profile: ${out#"$root"/}/callgrind.out.1 (callgrind_annotate --inclusive=yes)"
