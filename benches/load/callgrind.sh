@@ -7,17 +7,19 @@
 #   benches/load/callgrind.sh                          # typing pace: 10 streams × 200 events, 20 ms apart
 #   STREAMS=200 EVENTS=60 INTERVAL_MS=100 benches/load/callgrind.sh   # fan-in pace
 #   STREAMS=200 EVENTS=1 benches/load/callgrind.sh     # set-up: instructions per stream
+#   TARGET=nginx benches/load/callgrind.sh             # the same for nginx (one process, one worker)
 #
 # SSEGATE_BIN picks another ssegate binary. The count covers everything the
 # worker does from the first connection of the measured run to its last
 # event (set-up included), after a warm-up run of 10 streams. Ports 18080
-# (fake upstream) and 18081/18091 (ssegate) on 127.0.0.1.
+# (fake upstream) and 18081/18091 (ssegate or nginx) on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
 bin_dir=$root/target/load-build/debian/release
 load=$bin_dir/ssegate-load
 ssegate=${SSEGATE_BIN:-$bin_dir/ssegate}
+target=${TARGET:-ssegate}
 streams=${STREAMS:-10}
 events=${EVENTS:-200}
 interval=${INTERVAL_MS:-20}
@@ -61,8 +63,25 @@ prefix = "/v1"
 upstream = "http://127.0.0.1:18080"
 EOF
 rm -f "$out"/callgrind.out*
-RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" --dump-instr=no \
-  "$ssegate" --config "$out/ssegate.toml" 2>"$out/valgrind.log" &
+callgrind=(valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" --dump-instr=no)
+case $target in
+  ssegate) RUST_LOG=warn "${callgrind[@]}" "$ssegate" --config "$out/ssegate.toml" 2>"$out/valgrind.log" & ;;
+  nginx)
+    # benches/load/nginx.conf, as one process with one worker.
+    ng=$out/nginx
+    rm -rf "$ng"
+    mkdir -p "$ng"
+    sed -e "s|@PREFIX@|$ng|g" -e "s|@LISTEN@|127.0.0.1:18081|g" -e "s|@UPSTREAM@|127.0.0.1:18080|g" \
+      -e "s|master_process on|master_process off|" -e "s|worker_processes auto|worker_processes 1|" \
+      benches/load/nginx.conf >"$ng/nginx.conf"
+    "${callgrind[@]}" "$(command -v nginx || echo /usr/sbin/nginx)" -p "$ng" -c "$ng/nginx.conf" -e "$ng/error.log" \
+      2>"$out/valgrind.log" &
+    ;;
+  *)
+    echo "error: TARGET is ssegate or nginx" >&2
+    exit 1
+    ;;
+esac
 vg=$!
 pids+=("$vg")
 for _ in $(seq 300); do
@@ -73,14 +92,14 @@ done
 url=http://127.0.0.1:18081/v1/stream
 "$load" client --scenario typing --target warmup --streams 10 \
   --url "$url?n=20&size=64&interval_ms=20&format=sse" >/dev/null
-callgrind_control --zero "$vg" >/dev/null
-"$load" client --scenario typing --target ssegate --streams "$streams" \
+callgrind_control --zero "$vg" >/dev/null 2>&1
+"$load" client --scenario typing --target "$target" --streams "$streams" \
   --url "$url?n=$events&size=64&interval_ms=$interval&format=sse" >"$out/client.json"
-callgrind_control --dump "$vg" >/dev/null
+callgrind_control --dump "$vg" >/dev/null 2>&1
 
 total=$(callgrind_annotate "$out/callgrind.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
 delivered=$(grep -o '"events":[0-9]*' "$out/client.json" | head -1 | cut -d: -f2)
-echo "ssegate: $ssegate"
+[ "$target" = nginx ] || echo "ssegate: $ssegate"
 echo "$streams streams × $events events, $interval ms apart: $delivered events, $total instructions," \
   "$((total / delivered)) per event, $((total / streams)) per stream"
 echo "profile: ${out#"$root"/}/callgrind.out.1 (callgrind_annotate --inclusive=yes)"
