@@ -16,6 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
+# shellcheck source=benches/load/common.sh
+. benches/load/common.sh
 bin_dir=$root/target/load-build/debian/release
 load=$bin_dir/ssegate-load
 ssegate=${SSEGATE_BIN:-$bin_dir/ssegate}
@@ -30,21 +32,8 @@ if [ ! -x "$load" ] || [ ! -x "$ssegate" ]; then
   echo "error: $load or $ssegate is missing; run benches/load/run.sh first" >&2
   exit 1
 fi
-if ! command -v valgrind >/dev/null; then
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo=sudo
-  echo "installing valgrind (apt-get)"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends valgrind >/dev/null
-fi
-
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
+command -v valgrind >/dev/null || apt_install valgrind
+ports_free 18080 18081 18091 || exit 1
 
 "$load" upstream --listen 127.0.0.1:18080 2>"$out/upstream.log" &
 pids+=($!)

@@ -17,6 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
+# shellcheck source=benches/load/common.sh
+. benches/load/common.sh
 out=$root/target/load
 mkdir -p "$out"
 
@@ -51,19 +53,7 @@ nginx_bin=$(command -v nginx || true)
 [ -n "$nginx_bin" ] || missing+=(nginx)
 [ -n "${LOAD_VENDORED_JEMALLOC:-}" ] || [ -e "$jemalloc_a" ] || missing+=(libjemalloc-dev)
 if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo=sudo
-  echo "installing ${missing[*]} (apt-get)"
-  policy=/usr/sbin/policy-rc.d
-  added_policy=""
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
-    $sudo chmod +x "$policy"
-    added_policy=1
-  fi
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  [ -z "$added_policy" ] || $sudo rm -f "$policy"
+  apt_install "${missing[@]}"
   nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 fi
 
@@ -82,21 +72,10 @@ fi
 load=$bin_dir/ssegate-load
 ssegate=${SSEGATE_BIN:-$bin_dir/ssegate}
 
-for port in "$up_port" "$sg_port" "$ng_port" "$admin_port"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "error: 127.0.0.1:$port is in use (set LOAD_*_PORT)" >&2
-    exit 1
-  fi
-done
-
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+ports_free "$up_port" "$sg_port" "$ng_port" "$admin_port" || {
+  echo "(LOAD_UPSTREAM_PORT, LOAD_SSEGATE_PORT, LOAD_NGINX_PORT and LOAD_ADMIN_PORT pick others)" >&2
+  exit 1
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 wait_port() {
   local i

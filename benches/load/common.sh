@@ -1,0 +1,40 @@
+# Shared by run.sh and callgrind.sh (sourced, not run).
+
+# apt_install PKG...: installs Debian packages, with sudo when not root.
+# A package's system service (nginx) is not started: policy-rc.d says no
+# while apt-get runs.
+apt_install() {
+  local sudo="" policy=/usr/sbin/policy-rc.d added_policy=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "installing $* (apt-get)"
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod +x "$policy"
+    added_policy=1
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  [ -z "$added_policy" ] || $sudo rm -f "$policy"
+}
+
+# ports_free PORT...: fails, saying which, when one is in use on 127.0.0.1.
+ports_free() {
+  local port
+  for port in "$@"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "error: 127.0.0.1:$port is in use" >&2
+      return 1
+    fi
+  done
+}
+
+# Every process started in the background goes into pids; they are killed
+# and waited for when the script ends, however it ends.
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
