@@ -15,6 +15,7 @@
 //! - `reframe`: byte-level decoders (sse, ndjson, text) and the `Reframer`
 //! - `sse`: the SSE encoder and fixed frames
 //! - `stream`: the event-stream body: keep-alive, end and error events
+//! - `direct`: an HTTP/1.1 event stream's chunks written straight to the client socket
 //! - `config`, `error`, `metrics`, `body`: the shared vocabulary
 //! - `demo`: the built-in fake model upstream for `ssegate demo`
 
@@ -25,6 +26,7 @@ pub mod config;
 pub mod cors;
 pub mod decompress;
 pub mod demo;
+pub mod direct;
 pub mod error;
 pub mod h1;
 pub mod handoff;

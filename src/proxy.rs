@@ -86,7 +86,8 @@ pub async fn forward(
             Some(c) => Some(c),
             None => app.client_slot(&client).await?,
         };
-        return Ok(crate::stream::direct_response(app, route, head, body, started, (slot, client_slot)));
+        let client = parts.extensions.get::<crate::direct::ClientSocket>().cloned();
+        return Ok(crate::stream::direct_response(app, route, head, body, started, (slot, client_slot), client));
     }
     let body = PassThrough::new(body, app.config.limits.idle_timeout, app.drain.clone()).boxed_unsync();
     Ok(Response::from_parts(head, body))

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::body::BoxError;
+use crate::direct::{ClientSocket, Socket};
 use crate::metrics::WorkerLabel;
 use crate::proxy::ConnInfo;
 use crate::wake::OnWake;
@@ -329,7 +330,10 @@ impl Conn {
     /// connection that never got a whole request (half a head, or a spare
     /// connection that sent only a byte) is closed 100 ms after the signal,
     /// as hyper would wait for its head.
-    async fn drive<I>(&self, io: I, proto: Proto) -> Result<(), BoxError>
+    ///
+    /// `socket` is the client's plain-TCP socket, which HTTP/1.1 event
+    /// streams write their chunks to (`crate::direct`).
+    async fn drive<I>(&self, io: I, proto: Proto, socket: Option<Arc<Socket>>) -> Result<(), BoxError>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -338,8 +342,14 @@ impl Conn {
         let side = self.side;
         let requests = Arc::new(AtomicUsize::new(0));
         let counted = requests.clone();
-        let svc = service_fn(move |req| {
+        let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let app = current.borrow().clone();
+            // hyper sends these responses' bodies chunked (see `crate::direct`).
+            if let Some(socket) = &socket {
+                if req.version() == http::Version::HTTP_11 && req.method() != http::Method::HEAD {
+                    req.extensions_mut().insert(ClientSocket(socket.clone()));
+                }
+            }
             counted.fetch_add(1, Ordering::Relaxed);
             // Boxed: hyper keeps the slot for the request future for as long
             // as the connection lives; a stream is idle in it for minutes.
@@ -418,7 +428,7 @@ impl Conn {
                     Some(b"http/1.1") => Proto::Http1,
                     _ => Proto::Either,
                 };
-                Some(self.drive(TokioIo::new(tls), proto).await)
+                Some(self.drive(TokioIo::new(tls), proto, None).await)
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
@@ -455,7 +465,8 @@ impl Conn {
                     Ok(_) => return tracing::debug!("client closed before sending a request"),
                     Err(_) => return tracing::debug!("no request within header_timeout"),
                 };
-                self.drive(TokioIo::new(stream), proto).await
+                let (io, socket) = Socket::new(stream);
+                self.drive(TokioIo::new(io), proto, Some(socket)).await
             }
         };
         if let Err(e) = result {

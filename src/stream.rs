@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -18,6 +18,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::body::{BoxError, ResponseBody};
 use crate::decompress::Decoded;
+use crate::direct::{ClientSocket, Direct};
 use crate::error::json_error;
 use crate::metrics::{Metrics, OutcomeLabels, RouteMeters};
 use crate::reframe::{Reframer, Wire};
@@ -53,6 +54,7 @@ pub fn direct_response(
     body: crate::upstream::UpstreamBody,
     started: std::time::Instant,
     slot: (crate::StreamSlot, Option<crate::ClientSlot>),
+    client: Option<ClientSocket>,
 ) -> Response<ResponseBody> {
     let wire = Wire::choose(route.format, &head.headers);
     // The upstream's own last event ends an SSE upstream's stream.
@@ -60,7 +62,7 @@ pub fn direct_response(
     let source = Decoded::new(body, &head.headers);
     event_stream_head(&mut head);
     let cfg = &app.config;
-    let stream = EventStream {
+    let events = Events {
         source,
         source_gate: Gate::default(),
         reframer: Reframer::new(wire, cfg.limits.max_event_bytes as usize),
@@ -78,6 +80,7 @@ pub fn direct_response(
         stats: StreamStats::new(&app.metrics, route, started),
         _slot: slot,
     };
+    let stream = EventStream { events, direct: client.map(Direct::new) };
     Response::from_parts(head, stream.boxed_unsync())
 }
 
@@ -95,8 +98,63 @@ impl Names {
     }
 }
 
-/// The direct-mode event-stream body.
+/// The direct-mode event-stream body: on plain HTTP/1.1 it writes its
+/// chunks to the client itself (`crate::direct`).
 pub struct EventStream {
+    events: Events,
+    direct: Option<Direct>,
+}
+
+impl Body for EventStream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(direct) = &mut this.direct else {
+            return match ready!(this.events.poll_next(cx)) {
+                Some(Next::Out) => Poll::Ready(Some(Ok(Frame::data(this.events.out.split().freeze())))),
+                Some(Next::Static(frame)) => Poll::Ready(Some(Ok(Frame::data(frame)))),
+                None => Poll::Ready(None),
+            };
+        };
+        direct.begin();
+        loop {
+            // What the stream wrote itself goes out before anything else.
+            if let Err(e) = ready!(direct.poll_flush(cx)) {
+                return Poll::Ready(Some(Err(e.into())));
+            }
+            let next = ready!(this.events.poll_next(cx));
+            let sent = match next {
+                None => return Poll::Ready(None),
+                Some(next) if !direct.clear() => {
+                    direct.hand_over();
+                    let frame = match next {
+                        Next::Out => this.events.out.split().freeze(),
+                        Next::Static(frame) => frame,
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(frame))));
+                }
+                // Written from the frame buffer, which then serves the next event.
+                Some(Next::Out) => direct.send(&mut this.events.out),
+                Some(Next::Static(frame)) => direct.send_bytes(frame),
+            };
+            if let Err(e) = sent {
+                return Poll::Ready(Some(Err(e.into())));
+            }
+        }
+    }
+}
+
+/// Where the next frame is.
+enum Next {
+    /// In `Events::out`, to be taken or written out.
+    Out,
+    Static(Bytes),
+}
+
+/// The events of a stream, frame by frame.
+struct Events {
     source: Decoded,
     /// Polls `source` only when it was ready last time or its waker fired:
     /// the connection polls the body again after each write, and the
@@ -124,8 +182,8 @@ pub struct EventStream {
     _slot: (crate::StreamSlot, Option<crate::ClientSlot>),
 }
 
-impl EventStream {
-    fn finish_with_error(&mut self, kind: &'static str, message: &str) -> Bytes {
+impl Events {
+    fn finish_with_error(&mut self, kind: &'static str, message: &str) -> Next {
         self.finished = true;
         self.stats.outcome = kind;
         self.stats.upstream_error(kind);
@@ -137,11 +195,10 @@ impl EventStream {
     }
 
     /// The frame `out` holds; `now` is when it goes out.
-    fn take_out(&mut self, now: Instant) -> Bytes {
-        let frame = self.out.split().freeze();
-        self.stats.wrote(frame.len());
+    fn take_out(&mut self, now: Instant) -> Next {
+        self.stats.wrote(self.out.len());
         self.last_write = now;
-        frame
+        Next::Out
     }
 
     /// Drains every complete event the reframer holds into `out`.
@@ -150,18 +207,16 @@ impl EventStream {
     }
 }
 
-impl Body for EventStream {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
+impl Events {
+    /// The next frame to send; `None` once the stream is over.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Next>> {
+        let this = self;
         if this.finished {
             return Poll::Ready(None);
         }
         if Pin::new(&mut this.deadline).poll(cx).is_ready() {
             let frame = this.finish_with_error("shutdown", "the proxy is shutting down");
-            return Poll::Ready(Some(Ok(Frame::data(frame))));
+            return Poll::Ready(Some(frame));
         }
         loop {
             let source = &mut this.source;
@@ -176,10 +231,10 @@ impl Body for EventStream {
                     this.reframer.feed(chunk);
                     if let Err(e) = this.drain_events() {
                         let frame = this.finish_with_error("event_too_large", &e.to_string());
-                        return Poll::Ready(Some(Ok(Frame::data(frame))));
+                        return Poll::Ready(Some(frame));
                     }
                     if !this.out.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(this.take_out(now)))));
+                        return Poll::Ready(Some(this.take_out(now)));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -193,13 +248,13 @@ impl Body for EventStream {
                             &format!("upstream body could not be decompressed: {e}"),
                         ),
                     };
-                    return Poll::Ready(Some(Ok(Frame::data(frame))));
+                    return Poll::Ready(Some(frame));
                 }
                 Poll::Ready(None) => {
                     this.reframer.feed_eof();
                     if let Err(e) = this.drain_events() {
                         let frame = this.finish_with_error("event_too_large", &e.to_string());
-                        return Poll::Ready(Some(Ok(Frame::data(frame))));
+                        return Poll::Ready(Some(frame));
                     }
                     this.finished = true;
                     this.stats.outcome = "complete";
@@ -211,7 +266,7 @@ impl Body for EventStream {
                     if this.out.is_empty() {
                         return Poll::Ready(None);
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(this.take_out(Instant::now())))));
+                    return Poll::Ready(Some(this.take_out(Instant::now())));
                 }
                 Poll::Pending => break,
             }
@@ -226,7 +281,7 @@ impl Body for EventStream {
             if now >= idle_due {
                 let msg = format!("upstream sent nothing for {:?}", this.idle);
                 let frame = this.finish_with_error("upstream_timeout", &msg);
-                return Poll::Ready(Some(Ok(Frame::data(frame))));
+                return Poll::Ready(Some(frame));
             }
             // Quiet for TRIM_AFTER: the buffers a busy stream reuses from
             // event to event are let go, so an idle stream holds none.
@@ -246,7 +301,7 @@ impl Body for EventStream {
                 this.stats.meters.keepalives_sent.inc();
                 this.stats.meters.bytes_sent.inc_by(KEEPALIVE.len() as u64);
                 this.timer.inner_mut().reset((now + this.keepalive).min(next));
-                return Poll::Ready(Some(Ok(Frame::data(KEEPALIVE))));
+                return Poll::Ready(Some(Next::Static(KEEPALIVE)));
             }
             this.timer.inner_mut().reset(keepalive_due.min(next));
         }

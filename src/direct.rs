@@ -1,0 +1,263 @@
+//! An HTTP/1.1 event stream writes its chunks to the client's socket
+//! itself, not through hyper's write buffer.
+//!
+//! hyper still reads the requests, writes each response head and the
+//! chunked body's last chunk, and watches the socket for the client
+//! leaving. In between, each event costs one `writev` of the chunk's size
+//! line, the event and its CRLF, with no trip through hyper's dispatcher,
+//! its chunk encoder and its queue of buffers (about a fifth of the
+//! user-space instructions of an event).
+//!
+//! The order on the wire stays right because the stream only writes when
+//! hyper's buffer is empty: hyper flushes its socket (`poll_flush`) only
+//! once everything it queued is written, so a flush counted after the last
+//! bytes the stream left to hyper (the head, or a frame) means nothing of
+//! hyper's is waiting. Until then the stream hands its frames to hyper as
+//! any body does. Only plain-TCP HTTP/1.1 requests other than `HEAD` get
+//! this: hyper sends their bodies chunked, as written here (an HTTP/1.0
+//! client gets an unframed body, and a `HEAD` none).
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A plain-TCP client connection, shared by hyper (as its I/O, [`SharedIo`])
+/// and the event streams it answers with ([`Direct`]).
+pub struct Socket {
+    tcp: TcpStream,
+    /// How many times hyper flushed the socket: it does so only with its
+    /// write buffer empty.
+    flushes: AtomicU64,
+}
+
+impl Socket {
+    /// Wraps a connection; hyper gets the returned [`SharedIo`].
+    pub fn new(tcp: TcpStream) -> (SharedIo, Arc<Socket>) {
+        let socket = Arc::new(Socket { tcp, flushes: AtomicU64::new(0) });
+        (SharedIo(socket.clone()), socket)
+    }
+
+    fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
+    }
+}
+
+/// A request's way to its client's socket: in the request's extensions
+/// when its response body may be written directly (see the module docs).
+#[derive(Clone)]
+pub struct ClientSocket(pub Arc<Socket>);
+
+/// hyper's side of a [`Socket`].
+pub struct SharedIo(Arc<Socket>);
+
+impl AsyncRead for SharedIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.tcp.poll_read_ready(cx))?;
+            // Into the unfilled part as it is: hyper's read buffer is not
+            // zeroed first (its untouched pages stay unmapped).
+            match self.0.tcp.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r.map(drop)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.tcp.poll_write_ready(cx))?;
+            match self.0.tcp.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.tcp.poll_write_ready(cx))?;
+            match self.0.tcp.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Only this task touches the counter: no ordering to keep.
+        self.0.flushes.store(self.0.flushes() + 1, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The FIN, as tokio's TcpStream sends it: the socket itself closes
+        // when hyper and the last stream let go of it.
+        Poll::Ready(match socket2::SockRef::from(&self.0.tcp).shutdown(std::net::Shutdown::Write) {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            r => r,
+        })
+    }
+}
+
+/// An event stream's writer of its own chunks.
+pub struct Direct {
+    socket: Arc<Socket>,
+    /// hyper's flush count when the stream last left bytes to hyper; `None`
+    /// until the body is first polled (hyper has queued the head by then).
+    handed: Option<u64>,
+    /// A chunk not yet wholly written.
+    pending: Option<Chunk>,
+}
+
+/// One chunk of the chunked body: `<size in hex>\r\n<data>\r\n`.
+struct Chunk {
+    size_line: SizeLine,
+    data: Bytes,
+    /// How much of the three parts went out.
+    written: usize,
+}
+
+/// A chunk's size line.
+struct SizeLine {
+    buf: [u8; 18],
+    len: usize,
+}
+
+impl SizeLine {
+    fn new(size: usize) -> SizeLine {
+        let mut buf = [0u8; 18];
+        let mut len = 0;
+        let digits = (usize::BITS - size.leading_zeros()).div_ceil(4).max(1);
+        for i in (0..digits).rev() {
+            buf[len] = b"0123456789abcdef"[(size >> (i * 4)) & 0xf];
+            len += 1;
+        }
+        buf[len..len + 2].copy_from_slice(b"\r\n");
+        SizeLine { buf, len: len + 2 }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Writes what is left of the chunk `size_line`, `data`, CRLF after its
+/// first `written` bytes; whether it is all out.
+fn write_chunk(tcp: &TcpStream, size_line: &SizeLine, data: &[u8], written: &mut usize) -> io::Result<bool> {
+    let parts: [&[u8]; 3] = [size_line.as_bytes(), data, b"\r\n"];
+    let total = size_line.len + data.len() + 2;
+    while *written < total {
+        let mut skip = *written;
+        let mut iov = [IoSlice::new(&[]); 3];
+        let mut n = 0;
+        for part in parts {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            iov[n] = IoSlice::new(&part[skip..]);
+            skip = 0;
+            n += 1;
+        }
+        match tcp.try_write_vectored(&iov[..n]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(w) => *written += w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+impl Direct {
+    /// A writer to the socket of `client`.
+    pub fn new(client: ClientSocket) -> Direct {
+        Direct { socket: client.0, handed: None, pending: None }
+    }
+
+    /// Called at each poll of the body, first thing.
+    pub fn begin(&mut self) {
+        if self.handed.is_none() {
+            self.handed = Some(self.socket.flushes());
+        }
+    }
+
+    /// Whether nothing the stream left to hyper is still in hyper's buffer.
+    pub fn clear(&self) -> bool {
+        self.handed.is_some_and(|h| h != self.socket.flushes())
+    }
+
+    /// The stream leaves a frame to hyper.
+    pub fn hand_over(&mut self) {
+        self.handed = Some(self.socket.flushes());
+    }
+
+    /// Starts writing `data` as one chunk and empties it, keeping its
+    /// capacity; what the socket does not take waits for [`Direct::poll_flush`].
+    pub fn send(&mut self, data: &mut BytesMut) -> io::Result<()> {
+        if data.is_empty() {
+            // A chunk of size 0 would end the body.
+            return Ok(());
+        }
+        let size_line = SizeLine::new(data.len());
+        let mut written = 0;
+        if write_chunk(&self.socket.tcp, &size_line, data, &mut written)? {
+            data.clear();
+        } else {
+            self.pending = Some(Chunk { size_line, data: data.split().freeze(), written });
+        }
+        Ok(())
+    }
+
+    /// [`Direct::send`] for a frame that is not in a buffer of the stream's.
+    pub fn send_bytes(&mut self, data: Bytes) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut chunk = Chunk { size_line: SizeLine::new(data.len()), data, written: 0 };
+        if !write_chunk(&self.socket.tcp, &chunk.size_line, &chunk.data, &mut chunk.written)? {
+            self.pending = Some(chunk);
+        }
+        Ok(())
+    }
+
+    /// Writes what is pending; ready once nothing is.
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(chunk) = &mut self.pending {
+            ready!(self.socket.tcp.poll_write_ready(cx))?;
+            if write_chunk(&self.socket.tcp, &chunk.size_line, &chunk.data, &mut chunk.written)? {
+                self.pending = None;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SizeLine;
+
+    #[test]
+    fn size_lines_are_lowercase_hex() {
+        for (size, line) in [(0, "0\r\n"), (1, "1\r\n"), (15, "f\r\n"), (16, "10\r\n"), (65536, "10000\r\n")] {
+            assert_eq!(SizeLine::new(size).as_bytes(), line.as_bytes(), "{size}");
+        }
+        assert_eq!(SizeLine::new(usize::MAX).as_bytes().len(), 18);
+    }
+}

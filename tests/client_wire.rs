@@ -1,0 +1,181 @@
+//! What an HTTP/1.1 client of an event stream reads off its socket, byte for
+//! byte: the proxy writes these streams' chunks to the socket itself
+//! (src/direct.rs), around hyper, which still writes the head and the last
+//! chunk. The chunk framing must be exact, the connection must serve the
+//! next request after a stream, a client reading slowly must get every
+//! byte in order, and HTTP/1.0 and `HEAD` requests must get no chunks.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{config, parse_sse, read_head, read_until, Ev, ManualUpstream, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SSE: &[(&str, &str)] = &[("content-type", "text/event-stream")];
+
+/// A proxy in front of a manual SSE upstream, and a client connection to it.
+async fn start() -> (ManualUpstream, Proxy, TcpStream) {
+    let up = ManualUpstream::start(200, SSE).await;
+    let proxy = Proxy::start(config(up.addr)).await;
+    let s = TcpStream::connect(proxy.addr).await.unwrap();
+    (up, proxy, s)
+}
+
+/// An event-stream request head.
+fn request(method: &str, path: &str, version: &str) -> Vec<u8> {
+    format!("{method} {path} HTTP/{version}\r\nhost: ssegate\r\naccept: text/event-stream\r\n\r\n").into_bytes()
+}
+
+fn ev(id: &str, data: &str) -> Ev {
+    Ev { id: Some(id.into()), event: None, data: data.into() }
+}
+
+/// Decodes a chunked body strictly: every size line, every CRLF after a
+/// chunk's data, and the last chunk must be there, with nothing after it.
+/// Returns the body and the chunk sizes.
+fn strict_dechunk(mut raw: &[u8]) -> (Vec<u8>, Vec<usize>) {
+    let (mut body, mut sizes) = (Vec::new(), Vec::new());
+    loop {
+        let eol = raw.windows(2).position(|w| w == b"\r\n").expect("a chunk size line without CRLF");
+        let line = std::str::from_utf8(&raw[..eol]).expect("size line is not UTF-8");
+        let size = usize::from_str_radix(line, 16).unwrap_or_else(|_| panic!("bad chunk size line {line:?}"));
+        raw = &raw[eol + 2..];
+        if size == 0 {
+            assert_eq!(raw, b"\r\n", "the last chunk must end the body");
+            return (body, sizes);
+        }
+        assert!(raw.len() >= size + 2, "chunk of {size} bytes cut short");
+        body.extend_from_slice(&raw[..size]);
+        assert_eq!(&raw[size..size + 2], b"\r\n", "chunk data must be followed by CRLF");
+        sizes.push(size);
+        raw = &raw[size + 2..];
+    }
+}
+
+/// Reads one chunked response from `s` (whose head is already read, `rest`
+/// being what came after it) through its last chunk, 10 s at most.
+async fn read_chunked_body(s: &mut TcpStream, mut rest: Vec<u8>) -> Vec<u8> {
+    read_until(s, &mut rest, b"\r\n0\r\n\r\n").await;
+    rest
+}
+
+#[tokio::test]
+async fn stream_chunks_are_framed_exactly_and_the_connection_serves_the_next_request() {
+    let (mut up, _proxy, mut s) = start().await;
+    s.write_all(&request("GET", "/v1/first", "1.1")).await.unwrap();
+    let feed = up.next().await;
+    // The first event goes out with the upstream's head, so that it may be
+    // ready before hyper has written the client's head.
+    let texts = ["one", "two", &"x".repeat(300), "four"];
+    feed.send(format!("data: {}\n\n", texts[0])).await;
+    let (head, mut rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+    // Then one event at a time: each is on the wire before the next is sent.
+    for (i, text) in texts.iter().enumerate() {
+        if i > 0 {
+            feed.send(format!("data: {text}\n\n")).await;
+        }
+        read_until(&mut s, &mut rest, format!("id: {}\ndata: {text}\n\n", i + 1).as_bytes()).await;
+    }
+    feed.finish();
+    let raw = read_chunked_body(&mut s, rest).await;
+    let (body, sizes) = strict_dechunk(&raw);
+    let want: Vec<Ev> = texts.iter().enumerate().map(|(i, t)| ev(&(i + 1).to_string(), t)).collect();
+    assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), want);
+    assert_eq!(sizes.len(), texts.len(), "one chunk per event: {sizes:?}");
+
+    // The same connection, a second stream: hyper's framing state held.
+    s.write_all(&request("GET", "/v1/second", "1.1")).await.unwrap();
+    let feed = up.next().await;
+    assert_eq!(feed.seen.uri.path(), "/v1/second");
+    feed.send("data: again\n\n").await;
+    feed.finish();
+    let (head, rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (body, _) = strict_dechunk(&read_chunked_body(&mut s, rest).await);
+    assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), vec![ev("1", "again")]);
+}
+
+#[tokio::test]
+async fn a_client_with_a_small_receive_window_gets_every_large_event_whole_and_in_order() {
+    let mut up = ManualUpstream::start(200, SSE).await;
+    let proxy = Proxy::start(config(up.addr)).await;
+    // A receive buffer of a few KiB: the proxy's writes of 64 KiB events
+    // cannot go out at once and are finished as the client reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(proxy.addr).await.unwrap();
+    s.write_all(&request("GET", "/v1/big", "1.1")).await.unwrap();
+    let feed = up.next().await;
+    const EVENTS: usize = 48;
+    let payload = |i: usize| format!("{i:04}-{}", char::from(b'a' + (i % 26) as u8).to_string().repeat(64 * 1024));
+    let feeder = tokio::spawn(async move {
+        for i in 0..EVENTS {
+            feed.send(format!("data: {}\n\n", payload(i))).await;
+        }
+        feed.finish();
+    });
+    let mut raw = Vec::new();
+    // Small reads, as a slow client makes them.
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !raw.ends_with(b"\r\n0\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed before the stream ended");
+            raw.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("stream did not end within 30 s");
+    feeder.await.unwrap();
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let (body, _) = strict_dechunk(&raw[end..]);
+    let events = parse_sse(std::str::from_utf8(&body).unwrap());
+    assert_eq!(events.len(), EVENTS);
+    for (i, got) in events.iter().enumerate() {
+        assert_eq!(got.id.as_deref(), Some((i + 1).to_string().as_str()));
+        assert!(got.data == payload(i), "event {i} differs (length {})", got.data.len());
+    }
+}
+
+#[tokio::test]
+async fn an_http_1_0_client_gets_the_events_unframed_until_the_connection_closes() {
+    let (mut up, _proxy, mut s) = start().await;
+    s.write_all(&request("GET", "/v1/old", "1.0")).await.unwrap();
+    let feed = up.next().await;
+    let (head, mut rest) = read_head(&mut s).await;
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding"), "{head}");
+    for text in ["one", "two"] {
+        feed.send(format!("data: {text}\n\n")).await;
+        read_until(&mut s, &mut rest, format!("data: {text}\n\n").as_bytes()).await;
+    }
+    feed.finish();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the connection stayed open after the stream")
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&rest).unwrap(), "id: 1\ndata: one\n\nid: 2\ndata: two\n\n");
+}
+
+#[tokio::test]
+async fn a_head_request_gets_no_body_and_the_next_request_its_whole_stream() {
+    let (mut up, _proxy, mut s) = start().await;
+    s.write_all(&request("HEAD", "/v1/peek", "1.1")).await.unwrap();
+    let feed = up.next().await;
+    feed.finish();
+    let (head, rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(rest.is_empty(), "bytes after a HEAD response's head: {:?}", String::from_utf8_lossy(&rest));
+    s.write_all(&request("GET", "/v1/then", "1.1")).await.unwrap();
+    let feed = up.next().await;
+    feed.send("data: body\n\n").await;
+    feed.finish();
+    let (head, rest) = read_head(&mut s).await;
+    // Nothing from the HEAD response came before this head.
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (body, _) = strict_dechunk(&read_chunked_body(&mut s, rest).await);
+    assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), vec![ev("1", "body")]);
+}
