@@ -67,6 +67,7 @@ pub fn direct_response(
         source_gate: Gate::default(),
         reframer: Reframer::new(wire, cfg.limits.max_event_bytes as usize),
         out: BytesMut::new(),
+        counted: 0,
         finished: false,
         add_end,
         keepalive: cfg.sse.keepalive,
@@ -113,7 +114,7 @@ impl Body for EventStream {
         let this = &mut *self;
         let Some(direct) = &mut this.direct else {
             return match ready!(this.events.poll_next(cx)) {
-                Some(Next::Out) => Poll::Ready(Some(Ok(Frame::data(this.events.out.split().freeze())))),
+                Some(Next::Out) => Poll::Ready(Some(Ok(Frame::data(this.events.take_frame())))),
                 Some(Next::Static(frame)) => Poll::Ready(Some(Ok(Frame::data(frame)))),
                 None => Poll::Ready(None),
             };
@@ -124,20 +125,45 @@ impl Body for EventStream {
             if let Err(e) = ready!(direct.poll_flush(cx)) {
                 return Poll::Ready(Some(Err(e.into())));
             }
-            let next = ready!(this.events.poll_next(cx));
-            let sent = match next {
-                None => return Poll::Ready(None),
-                Some(next) if !direct.clear() => {
+            let events = &mut this.events;
+            let clear = direct.clear();
+            let sent = match events.poll_next(cx) {
+                // While more is ready at once, it is gathered into one
+                // write, as hyper queues the frames of a busy body.
+                Poll::Ready(Some(Next::Out)) if clear && events.out.len() < GATHER => continue,
+                Poll::Pending if events.out.is_empty() => return Poll::Pending,
+                Poll::Pending => {
+                    let sent = direct.send(&mut events.out);
+                    events.counted = 0;
+                    if let Err(e) = sent {
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                    // Registers for the socket when part of it is left.
+                    if let Poll::Ready(Err(e)) = direct.poll_flush(cx) {
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(None) if events.out.is_empty() => return Poll::Ready(None),
+                Poll::Ready(next) if !clear => {
+                    // hyper still holds bytes: the frame joins them.
                     direct.hand_over();
                     let frame = match next {
-                        Next::Out => this.events.out.split().freeze(),
-                        Next::Static(frame) => frame,
+                        Some(Next::Static(frame)) => frame,
+                        _ => events.take_frame(),
                     };
                     return Poll::Ready(Some(Ok(Frame::data(frame))));
                 }
-                // Written from the frame buffer, which then serves the next event.
-                Some(Next::Out) => direct.send(&mut this.events.out),
-                Some(Next::Static(frame)) => direct.send_bytes(frame),
+                Poll::Ready(Some(Next::Static(frame))) if events.out.is_empty() => direct.send_bytes(frame),
+                Poll::Ready(next) => {
+                    if let Some(Next::Static(frame)) = next {
+                        events.out.extend_from_slice(&frame);
+                    }
+                    // Written from the frame buffer, which then serves the next event.
+                    let sent = direct.send(&mut events.out);
+                    events.counted = 0;
+                    sent
+                }
             };
             if let Err(e) = sent {
                 return Poll::Ready(Some(Err(e.into())));
@@ -145,6 +171,10 @@ impl Body for EventStream {
         }
     }
 }
+
+/// How much a directly written stream gathers into one write when its
+/// upstream has more ready at once.
+const GATHER: usize = 64 * 1024;
 
 /// Where the next frame is.
 enum Next {
@@ -162,6 +192,9 @@ struct Events {
     source_gate: Gate,
     reframer: Reframer,
     out: BytesMut,
+    /// How much of `out` was counted as written (it gathers several frames
+    /// when written directly).
+    counted: usize,
     finished: bool,
     add_end: bool,
     keepalive: Duration,
@@ -196,9 +229,16 @@ impl Events {
 
     /// The frame `out` holds; `now` is when it goes out.
     fn take_out(&mut self, now: Instant) -> Next {
-        self.stats.wrote(self.out.len());
+        self.stats.wrote(self.out.len() - self.counted);
+        self.counted = self.out.len();
         self.last_write = now;
         Next::Out
+    }
+
+    /// The frame `out` holds, taken out of it.
+    fn take_frame(&mut self) -> Bytes {
+        self.counted = 0;
+        self.out.split().freeze()
     }
 
     /// Drains every complete event the reframer holds into `out`.
@@ -286,7 +326,7 @@ impl Events {
             // Quiet for TRIM_AFTER: the buffers a busy stream reuses from
             // event to event are let go, so an idle stream holds none.
             let trim_due = this.last_upstream + TRIM_AFTER;
-            if !this.trimmed && now >= trim_due {
+            if !this.trimmed && now >= trim_due && this.out.is_empty() {
                 this.trimmed = true;
                 this.out = BytesMut::new();
                 this.source.trim();

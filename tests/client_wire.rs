@@ -2,8 +2,9 @@
 //! byte: the proxy writes these streams' chunks to the socket itself
 //! (src/direct.rs), around hyper, which still writes the head and the last
 //! chunk. The chunk framing must be exact, the connection must serve the
-//! next request after a stream, a client reading slowly must get every
-//! byte in order, and HTTP/1.0 and `HEAD` requests must get no chunks.
+//! next request after a stream, a client reading slowly and a burst of
+//! upstream chunks must get every byte in order, and HTTP/1.0 and `HEAD`
+//! requests must get no chunks.
 
 mod support;
 
@@ -178,4 +179,26 @@ async fn a_head_request_gets_no_body_and_the_next_request_its_whole_stream() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let (body, _) = strict_dechunk(&read_chunked_body(&mut s, rest).await);
     assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), vec![ev("1", "body")]);
+}
+
+#[tokio::test]
+async fn a_burst_of_upstream_chunks_arrives_whole_and_in_order() {
+    let (mut up, _proxy, mut s) = start().await;
+    s.write_all(&request("GET", "/v1/burst", "1.1")).await.unwrap();
+    let feed = up.next().await;
+    // 200 upstream chunks of 5 events each, sent as fast as the proxy
+    // takes them: several are ready at once and share a write.
+    let feeder = tokio::spawn(async move {
+        for c in 0..200 {
+            let chunk: String = (0..5).map(|i| format!("data: e{}\n\n", c * 5 + i)).collect();
+            feed.send(chunk).await;
+        }
+        feed.finish();
+    });
+    let (head, rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (body, _) = strict_dechunk(&read_chunked_body(&mut s, rest).await);
+    feeder.await.unwrap();
+    let want: Vec<Ev> = (0..1000).map(|i| ev(&(i + 1).to_string(), &format!("e{i}"))).collect();
+    assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), want);
 }
