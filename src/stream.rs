@@ -61,6 +61,10 @@ pub fn direct_response(
     let add_end = !crate::proxy::is_event_stream(&head.headers);
     let source = Decoded::new(body, &head.headers);
     event_stream_head(&mut head);
+    // The client's version, not the upstream's: an HTTP/1.0 upstream's
+    // stream still goes out chunked to an HTTP/1.1 client (hyper answers
+    // an HTTP/1.0 client in 1.0), as the direct writes frame it.
+    head.version = http::Version::HTTP_11;
     let cfg = &app.config;
     let events = Events {
         source,

@@ -3,14 +3,15 @@
 //! (src/direct.rs), around hyper, which still writes the head and the last
 //! chunk. The chunk framing must be exact, the connection must serve the
 //! next request after a stream, a client reading slowly and a burst of
-//! upstream chunks must get every byte in order, and HTTP/1.0 and `HEAD`
-//! requests must get no chunks.
+//! upstream chunks must get every byte in order, an HTTP/1.0 upstream's
+//! stream must still reach an HTTP/1.1 client chunked, and HTTP/1.0 and
+//! `HEAD` requests must get no chunks.
 
 mod support;
 
 use std::time::Duration;
 
-use support::{config, parse_sse, read_head, read_until, Ev, ManualUpstream, Proxy};
+use support::{config, parse_sse, read_head, read_until, Ev, ManualUpstream, Proxy, RawUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -201,4 +202,25 @@ async fn a_burst_of_upstream_chunks_arrives_whole_and_in_order() {
     feeder.await.unwrap();
     let want: Vec<Ev> = (0..1000).map(|i| ev(&(i + 1).to_string(), &format!("e{i}"))).collect();
     assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), want);
+}
+
+#[tokio::test]
+async fn an_http_1_0_upstreams_stream_reaches_an_http_1_1_client_chunked() {
+    let mut up = RawUpstream::start().await;
+    let proxy = Proxy::start(config(up.addr)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&request("GET", "/v1/old-upstream", "1.1")).await.unwrap();
+    let mut upstream = up.accept().await;
+    read_head(&mut upstream).await;
+    // An unframed body that ends when the upstream closes, as HTTP/1.0 servers send it.
+    upstream.write_all(b"HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: one\n\n").await.unwrap();
+    let (head, mut rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+    read_until(&mut s, &mut rest, b"data: one\n\n").await;
+    upstream.write_all(b"data: two\n\n").await.unwrap();
+    read_until(&mut s, &mut rest, b"data: two\n\n").await;
+    drop(upstream);
+    let (body, _) = strict_dechunk(&read_chunked_body(&mut s, rest).await);
+    assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), vec![ev("1", "one"), ev("2", "two")]);
 }
