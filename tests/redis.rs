@@ -336,7 +336,7 @@ async fn a_client_back_on_another_instance_within_grace_keeps_the_stream() {
     first.until("data: e1\n\n").await;
     drop(first); // leaves A…
     let mut second = BodyReader::new(get(&p[1], &created.stream_url, Some("1")).await); // …back on B
-    second.until("\n:").await;
+    second.until(": ok\n\n").await;
     // Nothing to await: the test checks that nothing happens (no cancel on
     // A) over three times the grace while the client is attached on B.
     tokio::time::sleep(grace * 3).await;
@@ -426,7 +426,7 @@ async fn nobody_attached_anywhere_for_grace_cancels_the_upstream_and_forgets_the
     first.until("data: e1\n\n").await;
     drop(first);
     let mut second = BodyReader::new(get(&p[1], &created.stream_url, Some("1")).await);
-    second.until("\n:").await;
+    second.until(": ok\n\n").await;
     drop(second); // nobody is attached anywhere from now on
     let left = Instant::now();
     tokio::time::timeout(grace * 8, feed.closed()).await.unwrap_or_else(|_| {
@@ -455,7 +455,7 @@ async fn the_grace_runs_from_when_the_last_client_left_any_instance() {
     drop(first);
     let left_a = Instant::now();
     let mut second = BodyReader::new(get(&p[1], &created.stream_url, Some("1")).await);
-    second.until("\n:").await;
+    second.until(": ok\n\n").await;
     // The client stays on B past A's grace, then leaves too.
     tokio::time::sleep_until(left_a + grace * 8 / 5).await;
     drop(second);

@@ -289,7 +289,8 @@ pub struct Ev {
     pub data: String,
 }
 
-/// Parses a whole event-stream text (LF line ends, as the proxy writes it).
+/// Parses a whole event-stream text (LF line ends, as the proxy writes it),
+/// failing on a line that is not an SSE field or comment.
 pub fn parse_sse(text: &str) -> Vec<Ev> {
     let mut out = Vec::new();
     for block in text.split("\n\n") {
@@ -311,7 +312,10 @@ pub fn parse_sse(text: &str) -> Vec<Ev> {
                     ev.data.push_str(value);
                     has_data = true;
                 }
-                _ => {}
+                "retry" => {}
+                // What the proxy writes is these fields and comments only: any
+                // other line is a framing error (a stray chunk-size line, say).
+                _ => panic!("a line that is no SSE field in the stream: {line:?}"),
             }
         }
         if has_data {
