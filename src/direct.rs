@@ -212,30 +212,31 @@ impl Direct {
     /// Starts writing `data` as one chunk and empties it, keeping its
     /// capacity; what the socket does not take waits for [`Direct::poll_flush`].
     pub fn send(&mut self, data: &mut BytesMut) -> io::Result<()> {
-        if data.is_empty() {
-            // A chunk of size 0 would end the body.
-            return Ok(());
-        }
-        let size_line = SizeLine::new(data.len());
-        let mut written = 0;
-        if write_chunk(&self.socket.tcp, &size_line, data, &mut written)? {
-            data.clear();
-        } else {
+        if let Some((size_line, written)) = self.start(data)? {
             self.pending = Some(Chunk { size_line, data: data.split().freeze(), written });
         }
+        data.clear();
         Ok(())
     }
 
     /// [`Direct::send`] for a frame that is not in a buffer of the stream's.
     pub fn send_bytes(&mut self, data: Bytes) -> io::Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        let mut chunk = Chunk { size_line: SizeLine::new(data.len()), data, written: 0 };
-        if !write_chunk(&self.socket.tcp, &chunk.size_line, &chunk.data, &mut chunk.written)? {
-            self.pending = Some(chunk);
+        if let Some((size_line, written)) = self.start(&data)? {
+            self.pending = Some(Chunk { size_line, data, written });
         }
         Ok(())
+    }
+
+    /// Writes `data` as one chunk as far as the socket takes it; the size
+    /// line and how much went out when not all of it did.
+    fn start(&self, data: &[u8]) -> io::Result<Option<(SizeLine, usize)>> {
+        if data.is_empty() {
+            // A chunk of size 0 would end the body.
+            return Ok(None);
+        }
+        let size_line = SizeLine::new(data.len());
+        let mut written = 0;
+        Ok((!write_chunk(&self.socket.tcp, &size_line, data, &mut written)?).then_some((size_line, written)))
     }
 
     /// Writes what is pending; ready once nothing is.

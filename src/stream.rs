@@ -137,9 +137,7 @@ impl Body for EventStream {
                 Poll::Ready(Some(Next::Out)) if clear && events.out.len() < GATHER => continue,
                 Poll::Pending if events.out.is_empty() => return Poll::Pending,
                 Poll::Pending => {
-                    let sent = direct.send(&mut events.out);
-                    events.counted = 0;
-                    if let Err(e) = sent {
+                    if let Err(e) = events.write_out(direct) {
                         return Poll::Ready(Some(Err(e.into())));
                     }
                     // Registers for the socket when part of it is left.
@@ -163,10 +161,7 @@ impl Body for EventStream {
                     if let Some(Next::Static(frame)) = next {
                         events.out.extend_from_slice(&frame);
                     }
-                    // Written from the frame buffer, which then serves the next event.
-                    let sent = direct.send(&mut events.out);
-                    events.counted = 0;
-                    sent
+                    events.write_out(direct)
                 }
             };
             if let Err(e) = sent {
@@ -243,6 +238,13 @@ impl Events {
     fn take_frame(&mut self) -> Bytes {
         self.counted = 0;
         self.out.split().freeze()
+    }
+
+    /// Writes the frame `out` holds to the client; `out` then serves the
+    /// next event.
+    fn write_out(&mut self, direct: &mut Direct) -> std::io::Result<()> {
+        self.counted = 0;
+        direct.send(&mut self.out)
     }
 
     /// Drains every complete event the reframer holds into `out`.
