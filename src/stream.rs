@@ -15,6 +15,7 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::body::{BoxError, ResponseBody};
 use crate::decompress::Decoded;
@@ -68,7 +69,7 @@ pub fn direct_response(
     let cfg = &app.config;
     let events = Events {
         source,
-        source_gate: Gate::default(),
+        source_gate: Some(Gate::default()),
         reframer: Reframer::new(wire, cfg.limits.max_event_bytes as usize),
         out: BytesMut::new(),
         counted: 0,
@@ -85,7 +86,7 @@ pub fn direct_response(
         stats: StreamStats::new(&app.metrics, route, started),
         _slot: slot,
     };
-    let stream = EventStream { events, direct: client.map(Direct::new) };
+    let stream = EventStream { events: Some(events), direct: client.map(Direct::new), pump: None };
     Response::from_parts(head, stream.boxed_unsync())
 }
 
@@ -106,8 +107,10 @@ impl Names {
 /// The direct-mode event-stream body: on plain HTTP/1.1 it writes its
 /// chunks to the client itself (`crate::direct`).
 pub struct EventStream {
-    events: Events,
+    events: Option<Events>,
     direct: Option<Direct>,
+    /// The task writing the stream, once hyper's buffer was empty.
+    pump: Option<AbortOnDropHandle<std::io::Result<()>>>,
 }
 
 impl Body for EventStream {
@@ -116,56 +119,77 @@ impl Body for EventStream {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(pump) = &mut this.pump {
+            let result = ready!(Pin::new(pump).poll(cx));
+            this.pump = None;
+            return match result {
+                Ok(Ok(())) => Poll::Ready(None),
+                Ok(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+                Err(e) => Poll::Ready(Some(Err(e.into()))),
+            };
+        }
+        let Some(events) = &mut this.events else {
+            return Poll::Ready(None);
+        };
         let Some(direct) = &mut this.direct else {
-            return match ready!(this.events.poll_next(cx)) {
-                Some(Next::Out) => Poll::Ready(Some(Ok(Frame::data(this.events.take_frame())))),
+            return match ready!(events.poll_next(cx)) {
+                Some(Next::Out) => Poll::Ready(Some(Ok(Frame::data(events.take_frame())))),
                 Some(Next::Static(frame)) => Poll::Ready(Some(Ok(Frame::data(frame)))),
                 None => Poll::Ready(None),
             };
         };
         direct.begin();
-        loop {
-            // What the stream wrote itself goes out before anything else.
-            if let Err(e) = ready!(direct.poll_flush(cx)) {
-                return Poll::Ready(Some(Err(e.into())));
-            }
-            let events = &mut this.events;
-            let clear = direct.clear();
-            let sent = match events.poll_next(cx) {
-                // While more is ready at once, it is gathered into one
-                // write, as hyper queues the frames of a busy body.
-                Poll::Ready(Some(Next::Out)) if clear && events.out.len() < GATHER => continue,
-                Poll::Pending if events.out.is_empty() => return Poll::Pending,
-                Poll::Pending => {
-                    if let Err(e) = events.write_out(direct) {
-                        return Poll::Ready(Some(Err(e.into())));
-                    }
-                    // Registers for the socket when part of it is left.
-                    if let Poll::Ready(Err(e)) = direct.poll_flush(cx) {
-                        return Poll::Ready(Some(Err(e.into())));
-                    }
-                    return Poll::Pending;
-                }
-                Poll::Ready(None) if events.out.is_empty() => return Poll::Ready(None),
-                Poll::Ready(next) if !clear => {
-                    // hyper still holds bytes: the frame joins them.
-                    direct.hand_over();
-                    let frame = match next {
-                        Some(Next::Static(frame)) => frame,
-                        _ => events.take_frame(),
-                    };
-                    return Poll::Ready(Some(Ok(Frame::data(frame))));
-                }
-                Poll::Ready(Some(Next::Static(frame))) if events.out.is_empty() => direct.send_bytes(frame),
-                Poll::Ready(next) => {
-                    if let Some(Next::Static(frame)) = next {
-                        events.out.extend_from_slice(&frame);
-                    }
-                    events.write_out(direct)
-                }
+        if !direct.clear() {
+            // hyper still holds bytes (the head): the frame joins them.
+            let frame = match ready!(events.poll_next(cx)) {
+                Some(Next::Out) => events.take_frame(),
+                Some(Next::Static(frame)) => frame,
+                None => return Poll::Ready(None),
             };
-            if let Err(e) = sent {
-                return Poll::Ready(Some(Err(e.into())));
+            direct.hand_over();
+            return Poll::Ready(Some(Ok(Frame::data(frame))));
+        }
+        // Nothing of hyper's is waiting: from here the stream writes itself,
+        // in a task of its own that the upstream wakes, so an event costs no
+        // poll of hyper's connection. hyper still watches the socket for the
+        // client leaving (dropping this body aborts the task), and writes the
+        // last chunk once the task is done.
+        if let (Some(mut events), Some(mut direct)) = (this.events.take(), this.direct.take()) {
+            events.source_gate = None;
+            let pump = std::future::poll_fn(move |cx| pump(&mut events, &mut direct, cx));
+            let task = tokio::spawn(tracing::Instrument::in_current_span(pump));
+            this.pump = Some(AbortOnDropHandle::new(task));
+        }
+        self.poll_frame(cx)
+    }
+}
+
+/// Writes the stream's events to the client until it is over; `Ok` once
+/// all of it is out.
+fn pump(events: &mut Events, direct: &mut Direct, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    loop {
+        // What the stream wrote goes out before anything else.
+        ready!(direct.poll_flush(cx))?;
+        match events.poll_next(cx) {
+            // While more is ready at once, it is gathered into one write, as
+            // hyper queues the frames of a busy body.
+            Poll::Ready(Some(Next::Out)) if events.out.len() < GATHER => continue,
+            Poll::Pending if events.out.is_empty() => return Poll::Pending,
+            Poll::Pending => {
+                events.write_out(direct)?;
+                // Registers for the socket when part of it is left.
+                if let Poll::Ready(Err(e)) = direct.poll_flush(cx) {
+                    return Poll::Ready(Err(e));
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(None) if events.out.is_empty() => return Poll::Ready(Ok(())),
+            Poll::Ready(Some(Next::Static(frame))) if events.out.is_empty() => direct.send_bytes(frame)?,
+            Poll::Ready(next) => {
+                if let Some(Next::Static(frame)) = next {
+                    events.out.extend_from_slice(&frame);
+                }
+                events.write_out(direct)?
             }
         }
     }
@@ -188,7 +212,8 @@ struct Events {
     /// Polls `source` only when it was ready last time or its waker fired:
     /// the connection polls the body again after each write, and the
     /// upstream socket would answer each of those polls with `Pending`.
-    source_gate: Gate,
+    /// `None` in a stream's own task, which mostly the upstream wakes.
+    source_gate: Option<Gate>,
     reframer: Reframer,
     out: BytesMut,
     /// How much of `out` was counted as written (it gathers several frames
@@ -266,7 +291,11 @@ impl Events {
         }
         loop {
             let source = &mut this.source;
-            match this.source_gate.poll_with(cx, |cx| source.poll_chunk(cx)) {
+            let next = match &mut this.source_gate {
+                Some(gate) => gate.poll_with(cx, |cx| source.poll_chunk(cx)),
+                None => source.poll_chunk(cx),
+            };
+            match next {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let now = Instant::now();
                     this.last_upstream = now;

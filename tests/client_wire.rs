@@ -3,7 +3,8 @@
 //! (src/direct.rs), around hyper, which still writes the head and the last
 //! chunk. The chunk framing must be exact, the connection must serve the
 //! next request after a stream, a client reading slowly and a burst of
-//! upstream chunks must get every byte in order, an HTTP/1.0 upstream's
+//! upstream chunks must get every byte in order, a client leaving must
+//! close the upstream response, an HTTP/1.0 upstream's
 //! stream must still reach an HTTP/1.1 client chunked, and HTTP/1.0 and
 //! `HEAD` requests must get no chunks.
 
@@ -63,6 +64,21 @@ async fn read_chunked_body(s: &mut TcpStream, mut rest: Vec<u8>) -> Vec<u8> {
     rest
 }
 
+/// Asks for `path` on `s`, lets the upstream send one event `text` and end,
+/// and checks the whole chunked response.
+async fn one_event_stream(up: &mut ManualUpstream, s: &mut TcpStream, path: &str, text: &str) {
+    s.write_all(&request("GET", path, "1.1")).await.unwrap();
+    let feed = up.next().await;
+    assert_eq!(feed.seen.uri.path(), path);
+    feed.send(format!("data: {text}\n\n")).await;
+    feed.finish();
+    let (head, rest) = read_head(s).await;
+    // Nothing of an earlier response came before this head.
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (body, _) = strict_dechunk(&read_chunked_body(s, rest).await);
+    assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), vec![ev("1", text)]);
+}
+
 #[tokio::test]
 async fn stream_chunks_are_framed_exactly_and_the_connection_serves_the_next_request() {
     let (mut up, _proxy, mut s) = start().await;
@@ -90,15 +106,7 @@ async fn stream_chunks_are_framed_exactly_and_the_connection_serves_the_next_req
     assert_eq!(sizes.len(), texts.len(), "one chunk per event: {sizes:?}");
 
     // The same connection, a second stream: hyper's framing state held.
-    s.write_all(&request("GET", "/v1/second", "1.1")).await.unwrap();
-    let feed = up.next().await;
-    assert_eq!(feed.seen.uri.path(), "/v1/second");
-    feed.send("data: again\n\n").await;
-    feed.finish();
-    let (head, rest) = read_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let (body, _) = strict_dechunk(&read_chunked_body(&mut s, rest).await);
-    assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), vec![ev("1", "again")]);
+    one_event_stream(&mut up, &mut s, "/v1/second", "again").await;
 }
 
 #[tokio::test]
@@ -171,15 +179,28 @@ async fn a_head_request_gets_no_body_and_the_next_request_its_whole_stream() {
     let (head, rest) = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(rest.is_empty(), "bytes after a HEAD response's head: {:?}", String::from_utf8_lossy(&rest));
-    s.write_all(&request("GET", "/v1/then", "1.1")).await.unwrap();
+    one_event_stream(&mut up, &mut s, "/v1/then", "body").await;
+}
+
+#[tokio::test]
+async fn a_client_leaving_in_the_middle_of_a_stream_closes_its_upstream_response() {
+    let (mut up, proxy, mut s) = start().await;
+    s.write_all(&request("GET", "/v1/leave", "1.1")).await.unwrap();
     let feed = up.next().await;
-    feed.send("data: body\n\n").await;
-    feed.finish();
-    let (head, rest) = read_head(&mut s).await;
-    // Nothing from the HEAD response came before this head.
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let (body, _) = strict_dechunk(&read_chunked_body(&mut s, rest).await);
-    assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), vec![ev("1", "body")]);
+    feed.send("data: one\n\n").await;
+    let (_, mut rest) = read_head(&mut s).await;
+    read_until(&mut s, &mut rest, b"data: one\n\n").await;
+    // Sent after the head went out: the proxy writes these itself.
+    for text in ["two", "three"] {
+        feed.send(format!("data: {text}\n\n")).await;
+        read_until(&mut s, &mut rest, format!("data: {text}\n\n").as_bytes()).await;
+    }
+    drop(s);
+    // The model's work stops: the proxy lets go of the upstream response.
+    feed.closed().await;
+    // And the proxy serves the next client.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    one_event_stream(&mut up, &mut s, "/v1/next", "next").await;
 }
 
 #[tokio::test]
