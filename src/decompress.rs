@@ -7,7 +7,6 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http_body::Body;
 
 use crate::upstream::UpstreamBody;
 
@@ -100,10 +99,10 @@ impl Decoded {
             if self.done {
                 return Poll::Ready(None);
             }
-            let frame = match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            let data = match self.inner.poll_data(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(ChunkError::Upstream(e)))),
-                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Ok(data))) => data,
                 Poll::Ready(None) => {
                     self.done = true;
                     let Some(codec) = &mut self.codec else { return Poll::Ready(None) };
@@ -112,7 +111,6 @@ impl Decoded {
                     return Poll::Ready((!out.is_empty()).then(|| Ok(Bytes::from(out))));
                 }
             };
-            let Ok(data) = frame.into_data() else { continue };
             if self.codec.is_none() {
                 return Poll::Ready(Some(Ok(data)));
             }

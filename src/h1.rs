@@ -658,12 +658,11 @@ impl Body {
     }
 }
 
-impl http_body::Body for Body {
-    type Data = Bytes;
-    type Error = H1Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
-        let this = &mut *self;
+impl Body {
+    /// The next piece of the body: [`poll_frame`](http_body::Body::poll_frame)
+    /// without the frame around it, for a reader that wants only data.
+    pub fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, H1Error>>> {
+        let this = self;
         loop {
             match this.step() {
                 Ok(Step::Data(data)) => {
@@ -673,7 +672,7 @@ impl http_body::Body for Body {
                     if matches!(this.framing, Framing::Length(0)) {
                         this.finish();
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                    return Poll::Ready(Some(Ok(data)));
                 }
                 Ok(Step::Done) => {
                     this.finish();
@@ -723,6 +722,15 @@ impl http_body::Body for Body {
                 }
             }
         }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        self.get_mut().poll_data(cx).map_ok(Frame::data)
     }
 
     fn is_end_stream(&self) -> bool {

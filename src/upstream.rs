@@ -3,7 +3,7 @@
 //! pooled hyper-util client (with hyper-rustls), both HTTP/1.1.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,6 +38,24 @@ impl UpstreamBody {
     pub fn trim(&mut self) {
         if let UpstreamBody::Stream(b) = self {
             b.trim();
+        }
+    }
+
+    /// The next piece of data (trailers skipped), with no frame to pass
+    /// along: an event stream's reader takes one per upstream read.
+    pub fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        match self {
+            UpstreamBody::Stream(b) => b.poll_data(cx).map_err(Into::into),
+            UpstreamBody::Pooled(b) => loop {
+                match ready!(Pin::new(&mut *b).poll_frame(cx)) {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => return Poll::Ready(Some(Ok(data))),
+                        Err(_) => continue,
+                    },
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                    None => return Poll::Ready(None),
+                }
+            },
         }
     }
 }
