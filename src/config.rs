@@ -153,6 +153,10 @@ pub struct LimitsConfig {
     pub first_byte_timeout: Duration,
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// A client that takes none of the bytes waiting for it for this long
+    /// is dropped (nginx's `send_timeout`).
+    #[serde(deserialize_with = "duration")]
+    pub send_timeout: Duration,
     #[serde(deserialize_with = "size")]
     pub max_event_bytes: u64,
     pub streams_per_client: usize,
@@ -169,6 +173,7 @@ impl Default for LimitsConfig {
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(120),
             idle_timeout: Duration::from_secs(120),
+            send_timeout: Duration::from_secs(60),
             max_event_bytes: 1 << 20,
             streams_per_client: 0,
         }
@@ -377,6 +382,7 @@ impl Config {
             ("limits.connect_timeout", self.limits.connect_timeout.is_zero()),
             ("limits.first_byte_timeout", self.limits.first_byte_timeout.is_zero()),
             ("limits.idle_timeout", self.limits.idle_timeout.is_zero()),
+            ("limits.send_timeout", self.limits.send_timeout.is_zero()),
             ("handoff.ttl", self.handoff.ttl.is_zero()),
             ("handoff.replay_bytes", self.handoff.replay_bytes == 0),
         ];

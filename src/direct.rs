@@ -25,10 +25,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::send_timeout::Stall;
 
 /// A plain-TCP client connection, shared by hyper (as its I/O, [`SharedIo`])
 /// and the event streams it answers with ([`Direct`]).
@@ -126,6 +129,8 @@ pub struct Direct {
     handed: Option<u64>,
     /// A chunk not yet wholly written.
     pending: Option<Chunk>,
+    /// `limits.send_timeout` for the writes of `pending`.
+    stall: Stall,
 }
 
 /// One chunk of the chunked body: `<size in hex>\r\n<data>\r\n`.
@@ -190,8 +195,8 @@ fn write_chunk(tcp: &TcpStream, size_line: &SizeLine, data: &[u8], written: &mut
 
 impl Direct {
     /// A writer to the socket of `client`.
-    pub fn new(client: ClientSocket) -> Direct {
-        Direct { socket: client.0, handed: None, pending: None }
+    pub fn new(client: ClientSocket, send_timeout: Duration) -> Direct {
+        Direct { socket: client.0, handed: None, pending: None, stall: Stall::new(send_timeout) }
     }
 
     /// Called at each poll of the body, first thing.
@@ -241,11 +246,20 @@ impl Direct {
         Ok((!write_chunk(&self.socket.tcp, &size_line, data, &mut written)?).then_some((size_line, written)))
     }
 
-    /// Writes what is pending; ready once nothing is.
+    /// Writes what is pending; ready once nothing is, an error once the
+    /// client took none of it for `limits.send_timeout`.
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(chunk) = &mut self.pending {
-            ready!(self.socket.tcp.poll_write_ready(cx))?;
-            if write_chunk(&self.socket.tcp, &chunk.size_line, &chunk.data, &mut chunk.written)? {
+            if self.socket.tcp.poll_write_ready(cx)?.is_pending() {
+                self.stall.blocked(cx)?;
+                return Poll::Pending;
+            }
+            let before = chunk.written;
+            let done = write_chunk(&self.socket.tcp, &chunk.size_line, &chunk.data, &mut chunk.written)?;
+            if chunk.written > before {
+                self.stall.progress();
+            }
+            if done {
                 self.pending = None;
             }
         }

@@ -16,6 +16,7 @@
 //! - `sse`: the SSE encoder and fixed frames
 //! - `stream`: the event-stream body: keep-alive, end and error events
 //! - `direct`: an HTTP/1.1 event stream's chunks written straight to the client socket
+//! - `send_timeout`: a client that stops reading is dropped after `limits.send_timeout`
 //! - `config`, `error`, `metrics`, `body`: the shared vocabulary
 //! - `demo`: the built-in fake model upstream for `ssegate demo`
 
@@ -35,6 +36,7 @@ pub mod passthrough;
 pub mod proxy;
 pub mod reframe;
 pub mod router;
+pub mod send_timeout;
 pub mod server;
 pub mod sse;
 pub mod store;

@@ -25,6 +25,7 @@ use crate::body::BoxError;
 use crate::direct::{ClientSocket, Socket};
 use crate::metrics::WorkerLabel;
 use crate::proxy::ConnInfo;
+use crate::send_timeout::SendTimeout;
 use crate::wake::OnWake;
 use crate::{admin, router, App};
 
@@ -428,7 +429,8 @@ impl Conn {
                     Some(b"http/1.1") => Proto::Http1,
                     _ => Proto::Either,
                 };
-                Some(self.drive(TokioIo::new(tls), proto, None).await)
+                let io = SendTimeout::new(tls, self.app.config.limits.send_timeout);
+                Some(self.drive(TokioIo::new(io), proto, None).await)
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
@@ -466,6 +468,7 @@ impl Conn {
                     Err(_) => return tracing::debug!("no request within header_timeout"),
                 };
                 let (io, socket) = Socket::new(stream);
+                let io = SendTimeout::new(io, self.app.config.limits.send_timeout);
                 self.drive(TokioIo::new(io), proto, Some(socket)).await
             }
         };

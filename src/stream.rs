@@ -76,6 +76,7 @@ pub fn direct_response(
     // an HTTP/1.0 client in 1.0), as the direct writes frame it.
     head.version = http::Version::HTTP_11;
     let cfg = &app.config;
+    let send_timeout = cfg.limits.send_timeout;
     let events = Events {
         source,
         source_gate: Some(Gate::default()),
@@ -97,7 +98,7 @@ pub fn direct_response(
         stats: StreamStats::new(&app.metrics, route, started),
         _slot: slot,
     };
-    let stream = EventStream { events: Some(events), direct: client.map(Direct::new), pump: None };
+    let stream = EventStream { events: Some(events), direct: client.map(|c| Direct::new(c, send_timeout)), pump: None };
     Response::from_parts(head, stream.boxed_unsync())
 }
 

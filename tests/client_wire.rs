@@ -3,8 +3,9 @@
 //! (src/direct.rs), around hyper, which still writes the head and the last
 //! chunk. The chunk framing must be exact, the connection must serve the
 //! next request after a stream, a client reading slowly and a burst of
-//! upstream chunks must get every byte in order, a client leaving must
-//! close the upstream response, an HTTP/1.0 upstream's
+//! upstream chunks must get every byte in order, a client leaving, or
+//! taking nothing for `limits.send_timeout`, must close the upstream
+//! response, an HTTP/1.0 upstream's
 //! stream must still reach an HTTP/1.1 client chunked, and HTTP/1.0 and
 //! `HEAD` requests must get no chunks.
 
@@ -24,6 +25,13 @@ async fn start() -> (ManualUpstream, Proxy, TcpStream) {
     let proxy = Proxy::start(config(up.addr)).await;
     let s = TcpStream::connect(proxy.addr).await.unwrap();
     (up, proxy, s)
+}
+
+/// A client connection with a receive buffer of a few KiB.
+async fn small_window_client(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr).await.unwrap()
 }
 
 /// An event-stream request head.
@@ -112,12 +120,14 @@ async fn stream_chunks_are_framed_exactly_and_the_connection_serves_the_next_req
 #[tokio::test]
 async fn a_client_with_a_small_receive_window_gets_every_large_event_whole_and_in_order() {
     let mut up = ManualUpstream::start(200, SSE).await;
-    let proxy = Proxy::start(config(up.addr)).await;
-    // A receive buffer of a few KiB: the proxy's writes of 64 KiB events
-    // cannot go out at once and are finished as the client reads.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut s = socket.connect(proxy.addr).await.unwrap();
+    let mut cfg = config(up.addr);
+    // Far shorter than the whole stream takes: a client that keeps taking
+    // bytes is never cut off, however slowly it reads.
+    cfg.limits.send_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(cfg).await;
+    // The proxy's writes of 64 KiB events cannot go out at once and are
+    // finished as the client reads.
+    let mut s = small_window_client(proxy.addr).await;
     s.write_all(&request("GET", "/v1/big", "1.1")).await.unwrap();
     let feed = up.next().await;
     const EVENTS: usize = 48;
@@ -168,6 +178,43 @@ async fn an_http_1_0_client_gets_the_events_unframed_until_the_connection_closes
         .expect("the connection stayed open after the stream")
         .unwrap();
     assert_eq!(std::str::from_utf8(&rest).unwrap(), "id: 1\ndata: one\n\nid: 2\ndata: two\n\n");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_after_send_timeout_and_its_upstream_closed() {
+    // 1.1: the stream writes its own chunks; 1.0: hyper writes the body.
+    for version in ["1.1", "1.0"] {
+        let mut up = ManualUpstream::start(200, SSE).await;
+        let mut cfg = config(up.addr);
+        cfg.limits.send_timeout = Duration::from_millis(300);
+        let proxy = Proxy::start(cfg).await;
+        let mut s = small_window_client(proxy.addr).await;
+        s.write_all(&request("GET", "/v1/stuck", version)).await.unwrap();
+        let feed = std::sync::Arc::new(up.next().await);
+        feed.send("data: first\n\n").await;
+        let (head, _) = read_head(&mut s).await;
+        assert!(head.starts_with(&format!("HTTP/{version} 200")), "{head}");
+        // From here the client reads nothing, and the model has plenty.
+        let feeder = feed.flood();
+        // The proxy gives up on the client and lets go of the model's answer.
+        feed.closed().await;
+        assert!(feeder.await.unwrap(), "HTTP/{version}: the upstream took all 64 MiB");
+        // And closes the connection: what is left to read ends without the
+        // chunked body's last chunk.
+        let mut rest = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => rest.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("HTTP/{version}: the proxy kept the connection open"));
+        assert!(!rest.ends_with(b"\r\n0\r\n\r\n"), "HTTP/{version}: the stream ended as if complete");
+    }
 }
 
 #[tokio::test]

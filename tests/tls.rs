@@ -1,5 +1,6 @@
 //! HTTPS on the public listener with a certificate generated here: HTTP/2
-//! by ALPN, HTTP/1.1 for clients that only speak that.
+//! by ALPN, HTTP/1.1 for clients that only speak that, and
+//! `limits.send_timeout` for a client that stops reading.
 
 mod support;
 
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use http::{StatusCode, Version};
 use ssegate::config::TlsConfig;
-use support::{body_text, parse_sse, Proxy, Reply, Upstream};
+use support::{body_text, parse_sse, ManualUpstream, Proxy, Reply, Upstream};
 
 struct Tls {
     _dir: tempfile::TempDir,
@@ -102,4 +103,26 @@ async fn plain_http_client_on_a_tls_listener_is_not_served() {
     let result = support::client().get(proxy.url("/v1/models")).send().await;
     assert!(result.is_err() || !result.unwrap().status().is_success());
     assert_eq!(upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_over_tls_is_dropped_after_send_timeout() {
+    let tls = certificate();
+    let mut up = ManualUpstream::start(200, &[("content-type", "text/event-stream")]).await;
+    let mut config = support::config(up.addr);
+    config.server.tls = Some(tls.config.clone());
+    config.limits.send_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(config).await;
+    let url = format!("https://localhost:{}/v1/stuck", proxy.addr.port());
+    let request = https_client(&tls, true).get(&url).header("accept", "text/event-stream").send();
+    let (resp, feed) = tokio::join!(request, up.next());
+    let resp = resp.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_11);
+    // The client reads nothing, and the model has plenty.
+    let feed = std::sync::Arc::new(feed);
+    let feeder = feed.flood();
+    // The proxy gives up on the client and lets go of the model's answer.
+    feed.closed().await;
+    assert!(feeder.await.unwrap(), "the upstream took all 64 MiB");
+    drop(resp);
 }

@@ -507,6 +507,28 @@ impl Feed {
             .expect("the proxy dropped the upstream response");
     }
 
+    /// Sends one chunk of the body if the proxy still takes it: false once
+    /// it let go of the response.
+    pub async fn offer(&self, chunk: impl AsRef<[u8]>) -> bool {
+        self.sender().send(Bytes::copy_from_slice(chunk.as_ref())).await.is_ok()
+    }
+
+    /// Offers 64 KiB events from a task of its own until the proxy lets go
+    /// of the response (true) or 64 MiB went (false): a model with plenty to
+    /// say to a client that reads nothing.
+    pub fn flood(self: &Arc<Feed>) -> tokio::task::JoinHandle<bool> {
+        let feed = self.clone();
+        tokio::spawn(async move {
+            let event = format!("data: {}\n\n", "x".repeat(64 * 1024));
+            for _ in 0..1000 {
+                if !feed.offer(&event).await {
+                    return true;
+                }
+            }
+            false
+        })
+    }
+
     /// Ends the body cleanly.
     pub fn finish(mut self) {
         self.tx.take();

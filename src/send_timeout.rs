@@ -1,0 +1,136 @@
+//! `limits.send_timeout`: a client that takes none of the bytes waiting for
+//! it for this long is dropped, as nginx's `send_timeout` does. The clock
+//! runs only while a write is blocked, and restarts whenever the client
+//! takes some bytes: a slow reader keeps its stream, one that stopped
+//! reading does not hold its stream slot, its upstream request and its
+//! buffers for ever.
+//!
+//! A write that goes through costs nothing here; the timer is made the first
+//! time a connection's writes block, and then reused.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The clock of one connection's blocked writes.
+pub struct Stall {
+    timeout: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether `timer` runs for the current blockage.
+    armed: bool,
+}
+
+impl Stall {
+    pub fn new(timeout: Duration) -> Stall {
+        Stall { timeout, timer: None, armed: false }
+    }
+
+    /// Bytes went out: the clock stops.
+    pub fn progress(&mut self) {
+        self.armed = false;
+    }
+
+    /// A write is blocked: starts the clock if it is not running, and
+    /// registers for its end; an error once it ran out.
+    pub fn blocked(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if !self.armed {
+            self.armed = true;
+            let deadline = Instant::now() + self.timeout;
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let ran_out = self.timer.as_mut().is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
+        if ran_out {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took nothing for {:?} (limits.send_timeout)", self.timeout),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What a write returned, with the clock run for it.
+    fn watch(&mut self, cx: &mut Context<'_>, result: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        match result {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.progress();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => match self.blocked(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            other => other,
+        }
+    }
+}
+
+/// A connection's I/O with the send timeout on its writes (hyper's side).
+pub struct SendTimeout<T> {
+    io: T,
+    stall: Stall,
+}
+
+impl<T> SendTimeout<T> {
+    pub fn new(io: T, timeout: Duration) -> SendTimeout<T> {
+        SendTimeout { io, stall: Stall::new(timeout) }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SendTimeout<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.stall.watch(cx, result)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.stall.watch(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    /// A TLS stream's flush writes its buffered records: blocked the same way.
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Pending => match this.stall.blocked(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            Poll::Ready(r) => {
+                if r.is_ok() {
+                    this.stall.progress();
+                }
+                Poll::Ready(r)
+            }
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
