@@ -506,6 +506,26 @@ async fn resume_grace_zero_cancels_at_once_on_disconnect() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_after_send_timeout() {
+    let mut up = ManualUpstream::start(200, &[("content-type", SSE)]).await;
+    let proxy = proxy_with(up.addr, |c| {
+        c.handoff.resume_grace = Duration::ZERO;
+        c.limits.send_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let created = create(&client(), &proxy.url(""), "/v1/chat", "{}").await;
+    let resp = get(&proxy, &created.stream_url, None).await;
+    assert_eq!(resp.status(), 200);
+    // The client reads nothing, and the model has plenty: the producer takes
+    // it into the replay buffer, the client's socket fills up.
+    let feed = std::sync::Arc::new(up.next().await);
+    let _feeder = feed.flood();
+    // Disconnected after send_timeout; with resume_grace = 0s that cancels.
+    feed.closed().await;
+    drop(resp);
+}
+
+#[tokio::test]
 async fn upstream_error_status_becomes_an_upstream_status_error_event() {
     let upstream_body = r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
     let up = Upstream::start(move |_| Reply::full(429, "application/json", upstream_body)).await;
