@@ -578,10 +578,19 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
     raw.parse().map_err(|_| de::Error::custom(format!("`{raw}` is not an address such as \"127.0.0.1:8080\"")))
 }
 
+/// The longest duration a key takes: deadlines are added to the clock, and
+/// one past the clock's range would be an error at run time.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let raw = string(d)?;
-    humantime::parse_duration(&raw)
-        .map_err(|e| de::Error::custom(format!("`{raw}` is not a duration such as \"250ms\", \"15s\" or \"2m\": {e}")))
+    let parsed = humantime::parse_duration(&raw).map_err(|e| {
+        de::Error::custom(format!("`{raw}` is not a duration such as \"250ms\", \"15s\" or \"2m\": {e}"))
+    })?;
+    if parsed > MAX_DURATION {
+        return Err(de::Error::custom(format!("`{raw}` is longer than 10 years")));
+    }
+    Ok(parsed)
 }
 
 fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {

@@ -1,9 +1,10 @@
 //! `limits.send_timeout`: a client that takes none of the bytes waiting for
 //! it for this long is dropped, as nginx's `send_timeout` does. The clock
-//! runs only while a write is blocked, and restarts whenever the client
-//! takes some bytes: a slow reader keeps its stream, one that stopped
-//! reading does not hold its stream slot, its upstream request and its
-//! buffers for ever.
+//! runs only while a write is blocked, and restarts whenever a write goes
+//! through again: a slow reader keeps its stream, one that stopped reading
+//! does not hold its stream slot, its upstream request and its buffers for
+//! ever. (Linux lets a blocked socket take more once a third of its send
+//! buffer is free: a client must read that much within the timeout.)
 //!
 //! A write that goes through costs nothing here; the timer is made the first
 //! time a connection's writes block, and then reused.
@@ -130,7 +131,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
         }
     }
 
+    /// A TLS stream's shutdown writes its `close_notify`: blocked the same way.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_shutdown(cx) {
+            Poll::Pending => match this.stall.blocked(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            Poll::Ready(r) => Poll::Ready(r),
+        }
     }
 }

@@ -247,7 +247,7 @@ struct Events {
     /// Whether the buffers were let go since the upstream last sent bytes.
     trimmed: bool,
     /// How long the upstream must be quiet for that: `TRIM_AFTER`, or
-    /// `TRIM_AFTER_BUSY` once a check found the stream busy.
+    /// `TRIM_AFTER_BUSY` when the last check found the stream busy.
     trim_after: Duration,
     /// Upstream reads since the timer last woke the stream.
     reads: u32,
@@ -378,15 +378,13 @@ impl Events {
             }
             // Quiet for TRIM_AFTER: the buffers a busy stream reuses from
             // event to event are let go, so an idle stream holds none.
-            let mut trim_due = this.last_upstream + this.trim_after;
-            if !this.trimmed && now < trim_due && this.reads >= BUSY_READS {
-                this.trim_after = TRIM_AFTER_BUSY;
-                trim_due = this.last_upstream + TRIM_AFTER_BUSY;
-            }
+            // Busy since the last wake-up: checked again in TRIM_AFTER_BUSY;
+            // else in TRIM_AFTER, as a stream that slowed down.
+            this.trim_after = if this.reads >= BUSY_READS { TRIM_AFTER_BUSY } else { TRIM_AFTER };
             this.reads = 0;
+            let trim_due = this.last_upstream + this.trim_after;
             if !this.trimmed && now >= trim_due && this.out.is_empty() {
                 this.trimmed = true;
-                this.trim_after = TRIM_AFTER;
                 this.out = BytesMut::new();
                 this.source.trim();
             }

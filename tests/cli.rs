@@ -21,6 +21,7 @@ const INVALID: &[(&str, &str)] = &[
     ("unknown_key.toml", "invalid/unknown_key.toml:6: `limits.max_bodyy`: unknown field `max_bodyy`"),
     ("unknown_section.toml", "invalid/unknown_section.toml:1: `routes_extra`: unknown field `routes_extra`"),
     ("bad_duration.toml", "invalid/bad_duration.toml:3: `limits.header_timeout`: `10 parsecs` is not a duration"),
+    ("huge_duration.toml", "invalid/huge_duration.toml:3: `limits.send_timeout`: `20years` is longer than 10 years"),
     ("bad_size.toml", "invalid/bad_size.toml:6: `handoff.replay_bytes`: `lots` is not a size"),
     ("wrong_type.toml", "invalid/wrong_type.toml:2: `limits.max_streams`: invalid type: string \"many\""),
     ("bad_listen.toml", "invalid/bad_listen.toml:2: `server.listen`: `localhost` is not an address"),
