@@ -251,8 +251,7 @@ impl Direct {
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(chunk) = &mut self.pending {
             if self.socket.tcp.poll_write_ready(cx)?.is_pending() {
-                self.stall.blocked(cx)?;
-                return Poll::Pending;
+                return self.stall.poll_blocked(cx);
             }
             let before = chunk.written;
             let done = write_chunk(&self.socket.tcp, &chunk.size_line, &chunk.data, &mut chunk.written)?;

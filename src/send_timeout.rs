@@ -38,7 +38,7 @@ impl Stall {
 
     /// A write is blocked: starts the clock if it is not running, and
     /// registers for its end; an error once it ran out.
-    pub fn blocked(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+    fn blocked(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if !self.armed {
             self.armed = true;
             let deadline = Instant::now() + self.timeout;
@@ -57,19 +57,31 @@ impl Stall {
         Ok(())
     }
 
-    /// What a write returned, with the clock run for it.
-    fn watch(&mut self, cx: &mut Context<'_>, result: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+    /// [`Stall::blocked`] as the poll of a blocked write: `Pending`, or the
+    /// error once the clock ran out.
+    pub fn poll_blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match self.blocked(cx) {
+            Ok(()) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// What a write, flush or shutdown returned, with the clock run for it;
+    /// `moved` tells whether a ready result took bytes out.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+        moved: impl FnOnce(&T) -> bool,
+    ) -> Poll<io::Result<T>> {
         match result {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
+            Poll::Pending => self.poll_blocked(cx),
+            Poll::Ready(Ok(v)) => {
+                if moved(&v) {
                     self.progress();
                 }
-                Poll::Ready(Ok(n))
+                Poll::Ready(Ok(v))
             }
-            Poll::Pending => match self.blocked(cx) {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
             other => other,
         }
     }
@@ -97,7 +109,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.io).poll_write(cx, buf);
-        this.stall.watch(cx, result)
+        this.stall.watch(cx, result, |n| *n > 0)
     }
 
     fn poll_write_vectored(
@@ -107,7 +119,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        this.stall.watch(cx, result)
+        this.stall.watch(cx, result, |n| *n > 0)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -117,29 +129,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
     /// A TLS stream's flush writes its buffered records: blocked the same way.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_flush(cx) {
-            Poll::Pending => match this.stall.blocked(cx) {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
-            Poll::Ready(r) => {
-                if r.is_ok() {
-                    this.stall.progress();
-                }
-                Poll::Ready(r)
-            }
-        }
+        let result = Pin::new(&mut this.io).poll_flush(cx);
+        this.stall.watch(cx, result, |_| true)
     }
 
     /// A TLS stream's shutdown writes its `close_notify`: blocked the same way.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_shutdown(cx) {
-            Poll::Pending => match this.stall.blocked(cx) {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
-            Poll::Ready(r) => Poll::Ready(r),
-        }
+        let result = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.stall.watch(cx, result, |_| true)
     }
 }

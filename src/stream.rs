@@ -91,7 +91,6 @@ pub fn direct_response(
         last_upstream: Instant::now(),
         timer: OnWake::new(tokio::time::sleep(cfg.sse.keepalive.min(cfg.limits.idle_timeout).min(TRIM_AFTER))),
         trimmed: false,
-        trim_after: TRIM_AFTER,
         reads: 0,
         deadline: OnWake::new(app.drain.clone().cancelled_owned()),
         names: app.event_names.clone(),
@@ -246,9 +245,6 @@ struct Events {
     deadline: OnWake<WaitForCancellationFutureOwned>,
     /// Whether the buffers were let go since the upstream last sent bytes.
     trimmed: bool,
-    /// How long the upstream must be quiet for that: `TRIM_AFTER`, or
-    /// `TRIM_AFTER_BUSY` when the last check found the stream busy.
-    trim_after: Duration,
     /// Upstream reads since the timer last woke the stream.
     reads: u32,
     names: Names,
@@ -380,9 +376,9 @@ impl Events {
             // event to event are let go, so an idle stream holds none.
             // Busy since the last wake-up: checked again in TRIM_AFTER_BUSY;
             // else in TRIM_AFTER, as a stream that slowed down.
-            this.trim_after = if this.reads >= BUSY_READS { TRIM_AFTER_BUSY } else { TRIM_AFTER };
+            let trim_after = if this.reads >= BUSY_READS { TRIM_AFTER_BUSY } else { TRIM_AFTER };
             this.reads = 0;
-            let trim_due = this.last_upstream + this.trim_after;
+            let trim_due = this.last_upstream + trim_after;
             if !this.trimmed && now >= trim_due && this.out.is_empty() {
                 this.trimmed = true;
                 this.out = BytesMut::new();
