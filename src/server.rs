@@ -73,7 +73,10 @@ impl Workers {
         // subscriber set for this thread only (an embedding, a test).
         let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         for index in 1..=n {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // Sockets and timers only: signals are the main runtime's, and
+            // a process driver would check for child processes on every
+            // turn of the event loop.
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
             handles.push(runtime.handle().clone());
             let stop = stop.clone();
             let dispatch = dispatch.clone();
@@ -284,6 +287,11 @@ async fn accept(
             }
             .instrument(span),
         );
+        // One connection per turn of the event loop, as nginx without
+        // `multi_accept`: the new connection's request and the open
+        // streams' events are served before the next one is taken, so a
+        // burst of connections does not hold back the streams already open.
+        tokio::task::yield_now().await;
     }
 }
 
