@@ -86,8 +86,13 @@ pub async fn forward(
             Some(c) => Some(c),
             None => app.client_slot(&client).await?,
         };
-        let client = parts.extensions.get::<crate::direct::ClientSocket>().cloned();
-        return Ok(crate::stream::direct_response(app, route, head, body, started, (slot, client_slot), client));
+        use crate::stream::Writer;
+        let writer = match parts.extensions.get::<crate::direct::ClientSocket>() {
+            _ if parts.version == http::Version::HTTP_2 => Writer::Relay,
+            Some(client) => Writer::Direct(client.clone()),
+            None => Writer::Hyper,
+        };
+        return Ok(crate::stream::direct_response(app, route, head, body, started, (slot, client_slot), writer));
     }
     let body = PassThrough::new(body, app.config.limits.idle_timeout, app.drain.clone()).boxed_unsync();
     Ok(Response::from_parts(head, body))

@@ -64,7 +64,7 @@ pub fn direct_response(
     body: crate::upstream::UpstreamBody,
     started: std::time::Instant,
     slot: (crate::StreamSlot, Option<crate::ClientSlot>),
-    client: Option<ClientSocket>,
+    writer: Writer,
 ) -> Response<ResponseBody> {
     let wire = Wire::choose(route.format, &head.headers);
     // The upstream's own last event ends an SSE upstream's stream.
@@ -97,8 +97,24 @@ pub fn direct_response(
         stats: StreamStats::new(&app.metrics, route, started),
         _slot: slot,
     };
-    let stream = EventStream { events: Some(events), direct: client.map(|c| Direct::new(c, send_timeout)), pump: None };
+    let direct = match writer {
+        Writer::Direct(client) => Some(Direct::new(client, send_timeout)),
+        Writer::Hyper => None,
+        Writer::Relay => return Response::from_parts(head, Relay::start(events, send_timeout).boxed_unsync()),
+    };
+    let stream = EventStream { events: Some(events), direct, pump: None };
     Response::from_parts(head, stream.boxed_unsync())
+}
+
+/// Who writes an event stream to the client.
+pub enum Writer {
+    /// The stream itself, on the client's plain HTTP/1.1 socket (`crate::direct`).
+    Direct(ClientSocket),
+    /// hyper, which polls the body (HTTP/1.1 over TLS, whose blocked writes
+    /// `crate::send_timeout` times).
+    Hyper,
+    /// hyper, fed by a task of the stream's own ([`Relay`]): HTTP/2.
+    Relay,
 }
 
 /// The names of the proxy's own events.
@@ -202,6 +218,84 @@ fn pump(events: &mut Events, direct: &mut Direct, cx: &mut Context<'_>) -> Poll<
                 }
                 events.write_out(direct)?
             }
+        }
+    }
+}
+
+/// Frames an HTTP/2 stream's task may have ready ahead of hyper.
+const RELAY_FRAMES: usize = 4;
+
+/// An HTTP/2 event stream. hyper polls a stream's body only while the
+/// client's flow-control windows have room, so a client that stops reading
+/// (and still answers pings) would leave the body unpolled, and its upstream
+/// request, stream slot and timers waiting, for as long as the connection
+/// lives. The events are therefore read in a task of their own and handed
+/// over through a short channel; when hyper took none of them for
+/// `limits.send_timeout`, the task ends the upstream request, as a blocked
+/// write does on HTTP/1.1.
+struct Relay {
+    frames: tokio::sync::mpsc::Receiver<Bytes>,
+    task: Option<AbortOnDropHandle<std::io::Result<()>>>,
+}
+
+impl Relay {
+    fn start(mut events: Events, send_timeout: Duration) -> Relay {
+        let (tx, frames) = tokio::sync::mpsc::channel(RELAY_FRAMES);
+        let mut tx = tokio_util::sync::PollSender::new(tx);
+        let mut stall = crate::send_timeout::Stall::new(send_timeout);
+        // The task is woken by the upstream, not by hyper's connection.
+        events.source_gate = None;
+        let relay = std::future::poll_fn(move |cx| relay(&mut events, &mut tx, &mut stall, cx));
+        let task = tokio::spawn(tracing::Instrument::in_current_span(relay));
+        Relay { frames, task: Some(AbortOnDropHandle::new(task)) }
+    }
+}
+
+impl Body for Relay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(frame) = ready!(this.frames.poll_recv(cx)) {
+            return Poll::Ready(Some(Ok(Frame::data(frame))));
+        }
+        // Every frame is out: the task's end says how the stream ends.
+        let Some(task) = &mut this.task else { return Poll::Ready(None) };
+        let result = ready!(Pin::new(task).poll(cx));
+        this.task = None;
+        match result {
+            Ok(Ok(())) => Poll::Ready(None),
+            Ok(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+}
+
+/// Moves the stream's frames into the channel until it is over; an error
+/// once hyper took nothing for `limits.send_timeout`.
+fn relay(
+    events: &mut Events,
+    tx: &mut tokio_util::sync::PollSender<Bytes>,
+    stall: &mut crate::send_timeout::Stall,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<()>> {
+    loop {
+        // Room for the next frame before the upstream is read again: a
+        // client that does not read holds the upstream back.
+        match tx.poll_reserve(cx) {
+            Poll::Ready(Ok(())) => stall.progress(),
+            // The body is gone (hyper dropped it): nothing is to be sent.
+            Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+            Poll::Pending => return stall.poll_blocked(cx),
+        }
+        let frame = match ready!(events.poll_next(cx)) {
+            Some(Next::Out) => events.take_frame(),
+            Some(Next::Static(frame)) => frame,
+            None => return Poll::Ready(Ok(())),
+        };
+        if tx.send_item(frame).is_err() {
+            return Poll::Ready(Ok(()));
         }
     }
 }

@@ -105,24 +105,73 @@ async fn plain_http_client_on_a_tls_listener_is_not_served() {
     assert_eq!(upstream.count(), 0);
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_over_tls_is_dropped_after_send_timeout() {
-    let tls = certificate();
-    let mut up = ManualUpstream::start(200, &[("content-type", "text/event-stream")]).await;
+/// A proxy over TLS with a 300 ms `limits.send_timeout` in front of a
+/// manual upstream.
+async fn stuck_proxy(tls: &Tls) -> (ManualUpstream, Proxy) {
+    let up = ManualUpstream::start(200, &[("content-type", "text/event-stream")]).await;
     let mut config = support::config(up.addr);
     config.server.tls = Some(tls.config.clone());
     config.limits.send_timeout = Duration::from_millis(300);
-    let proxy = Proxy::start(config).await;
-    let url = format!("https://localhost:{}/v1/stuck", proxy.addr.port());
-    let request = https_client(&tls, true).get(&url).header("accept", "text/event-stream").send();
+    (up, Proxy::start(config).await)
+}
+
+/// Opens an event stream with `client`, reads none of it while the model
+/// floods it with 64 KiB events, and waits until the proxy lets go of the
+/// model's answer. Returns the unread response, to be dropped by the caller.
+async fn stop_reading(
+    client: &reqwest::Client,
+    url: &str,
+    up: &mut ManualUpstream,
+    version: Version,
+) -> reqwest::Response {
+    let request = client.get(url).header("accept", "text/event-stream").send();
     let (resp, feed) = tokio::join!(request, up.next());
     let resp = resp.unwrap();
-    assert_eq!(resp.version(), Version::HTTP_11);
-    // The client reads nothing, and the model has plenty.
+    assert_eq!(resp.version(), version);
     let feed = std::sync::Arc::new(feed);
     let feeder = feed.flood();
-    // The proxy gives up on the client and lets go of the model's answer.
     feed.closed().await;
     assert!(feeder.await.unwrap(), "the upstream took all 64 MiB");
+    resp
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_over_tls_is_dropped_after_send_timeout() {
+    let tls = certificate();
+    let (mut up, proxy) = stuck_proxy(&tls).await;
+    let url = format!("https://localhost:{}/v1/stuck", proxy.addr.port());
+    let resp = stop_reading(&https_client(&tls, true), &url, &mut up, Version::HTTP_11).await;
+    drop(resp);
+}
+
+/// HTTP/2: a stream whose client stops reading is not held by a blocked
+/// socket but by its flow-control window, which hyper waits on without
+/// polling the stream. The proxy still lets go of the model's answer after
+/// `limits.send_timeout`, and the connection's other streams go on.
+#[tokio::test]
+async fn an_http2_stream_that_stops_reading_is_dropped_after_send_timeout() {
+    let tls = certificate();
+    let (mut up, proxy) = stuck_proxy(&tls).await;
+    // Small windows, opened only as the application reads.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(tls.root.clone())
+        .http2_initial_stream_window_size(65_535)
+        .http2_initial_connection_window_size(1 << 20)
+        .http2_adaptive_window(false)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/v1/stuck", proxy.addr.port());
+    let resp = stop_reading(&client, &url, &mut up, Version::HTTP_2).await;
+    // The connection is still good: its next stream is answered.
+    let (second, feed) = tokio::join!(client.get(&url).header("accept", "text/event-stream").send(), up.next());
+    let second = second.unwrap();
+    assert_eq!(second.version(), Version::HTTP_2);
+    feed.send("data: next\n\n").await;
+    feed.finish();
+    let events = parse_sse(&body_text(second).await);
+    assert_eq!(events.first().map(|e| e.data.as_str()), Some("next"));
     drop(resp);
 }
