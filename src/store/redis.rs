@@ -376,10 +376,12 @@ impl Store for RedisStore {
             let meta: Result<HashMap<String, String>, _> = conn.hgetall(key(token, "meta")).await;
             let Ok(meta) = meta else { return false };
             let grace_ms = self.opts.resume_grace.as_millis() as u64;
+            // Both times are whole milliseconds, cut down: a difference of
+            // exactly `grace_ms` may be up to 1 ms short of the grace.
             if meta
                 .get("left_at")
                 .and_then(|t| t.parse::<u64>().ok())
-                .is_some_and(|t| now_ms().saturating_sub(t) < grace_ms)
+                .is_some_and(|t| now_ms().saturating_sub(t) <= grace_ms)
             {
                 return true;
             }
