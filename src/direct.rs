@@ -28,7 +28,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::send_timeout::Stall;
@@ -46,7 +46,7 @@ impl Socket {
     /// Wraps a connection; hyper gets the returned [`SharedIo`].
     pub fn new(tcp: TcpStream) -> (SharedIo, Arc<Socket>) {
         let socket = Arc::new(Socket { tcp, flushes: AtomicU64::new(0) });
-        (SharedIo(socket.clone()), socket)
+        (SharedIo { socket: socket.clone(), eof: false }, socket)
     }
 
     fn flushes(&self) -> u64 {
@@ -60,17 +60,44 @@ impl Socket {
 pub struct ClientSocket(pub Arc<Socket>);
 
 /// hyper's side of a [`Socket`].
-pub struct SharedIo(Arc<Socket>);
+pub struct SharedIo {
+    socket: Arc<Socket>,
+    /// The client closed its side (a read found the end).
+    eof: bool,
+}
 
 impl AsyncRead for SharedIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let tcp = &this.socket.tcp;
         loop {
-            ready!(self.0.tcp.poll_read_ready(cx))?;
+            ready!(tcp.poll_read_ready(cx))?;
             // Into the unfilled part as it is: hyper's read buffer is not
             // zeroed first (its untouched pages stay unmapped).
-            match self.0.tcp.try_read_buf(buf) {
+            let mut drained = false;
+            let room = buf.remaining();
+            let read = tcp.try_io(Interest::READABLE, || {
+                let n = tcp.try_read_buf(buf)?;
+                // Less than there was room for: the socket is empty, as
+                // tokio's own reads take it. The readiness this read started
+                // from is cleared (`WouldBlock` here), so hyper's next read
+                // waits for the socket instead of costing a `recv` that
+                // finds nothing; a wake-up that came in since is kept.
+                if n > 0 && n < room {
+                    drained = true;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match read {
+                Ok(0) => {
+                    this.eof = room > 0;
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(_) => return Poll::Ready(Ok(())),
+                Err(_) if drained => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r.map(drop)),
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
@@ -79,8 +106,8 @@ impl AsyncRead for SharedIo {
 impl AsyncWrite for SharedIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         loop {
-            ready!(self.0.tcp.poll_write_ready(cx))?;
-            match self.0.tcp.try_write(buf) {
+            ready!(self.socket.tcp.poll_write_ready(cx))?;
+            match self.socket.tcp.try_write(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return Poll::Ready(r),
             }
@@ -93,8 +120,8 @@ impl AsyncWrite for SharedIo {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         loop {
-            ready!(self.0.tcp.poll_write_ready(cx))?;
-            match self.0.tcp.try_write_vectored(bufs) {
+            ready!(self.socket.tcp.poll_write_ready(cx))?;
+            match self.socket.tcp.try_write_vectored(bufs) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return Poll::Ready(r),
             }
@@ -107,14 +134,20 @@ impl AsyncWrite for SharedIo {
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Only this task touches the counter: no ordering to keep.
-        self.0.flushes.store(self.0.flushes() + 1, Ordering::Relaxed);
+        self.socket.flushes.store(self.socket.flushes() + 1, Ordering::Relaxed);
         Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The client closed first, as it mostly does: the FIN goes with the
+        // `close` when hyper and the last stream let go of the socket (at
+        // once, or when an aborted stream task is dropped), a syscall less.
+        if self.eof {
+            return Poll::Ready(Ok(()));
+        }
         // The FIN, as tokio's TcpStream sends it: the socket itself closes
         // when hyper and the last stream let go of it.
-        Poll::Ready(match socket2::SockRef::from(&self.0.tcp).shutdown(std::net::Shutdown::Write) {
+        Poll::Ready(match socket2::SockRef::from(&self.socket.tcp).shutdown(std::net::Shutdown::Write) {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
             r => r,
         })
