@@ -73,10 +73,7 @@ impl Workers {
         // subscriber set for this thread only (an embedding, a test).
         let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         for index in 1..=n {
-            // Sockets and timers only: signals are the main runtime's, and
-            // a process driver would check for child processes on every
-            // turn of the event loop.
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(runtime.handle().clone());
             let stop = stop.clone();
             let dispatch = dispatch.clone();
