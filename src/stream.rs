@@ -281,6 +281,13 @@ fn relay(
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<()>> {
     loop {
+        // The last frame (the upstream's end, an `end` or `error` event) is
+        // in the channel: the stream is over, however long hyper takes to
+        // send what is queued. Waiting for room here would hold the slots
+        // and then end a complete stream with the timeout's error.
+        if events.finished {
+            return Poll::Ready(Ok(()));
+        }
         // Room for the next frame before the upstream is read again: a
         // client that does not read holds the upstream back.
         match tx.poll_reserve(cx) {
