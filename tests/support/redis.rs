@@ -133,8 +133,28 @@ impl Drop for RedisServer {
     }
 }
 
+/// A free port below the kernel's ephemeral range (`ip_local_port_range`),
+/// so that while a test has its Redis stopped, no outgoing connection or
+/// `bind` to port 0 elsewhere in the suite takes the port it restarts on.
+/// Each test process walks its own stretch of 20,000 up to the range.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral <= 21_000 {
+        return std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    }
+    let span = ephemeral - 20_000;
+    let start = std::process::id() * 37 % span;
+    loop {
+        let port = 20_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
 }
 
 /// Whether a Redis answers PING on the port (raw RESP, one round trip).
