@@ -183,12 +183,27 @@ impl Body for EventStream {
         // last chunk once the task is done.
         if let (Some(mut events), Some(mut direct)) = (this.events.take(), this.direct.take()) {
             events.source_gate = None;
-            let pump = std::future::poll_fn(move |cx| pump(&mut events, &mut direct, cx));
+            let pump = std::future::poll_fn(move |cx| stalled(&mut events, |e| pump(e, &mut direct, cx)));
             let task = tokio::spawn(tracing::Instrument::in_current_span(pump));
             this.pump = Some(AbortOnDropHandle::new(task));
         }
         self.poll_frame(cx)
     }
+}
+
+/// Runs a stream's task step; a stream the client took nothing of for
+/// `limits.send_timeout` (the `Stall` clock's error) ends as `send_timeout`.
+fn stalled(
+    events: &mut Events,
+    step: impl FnOnce(&mut Events) -> Poll<std::io::Result<()>>,
+) -> Poll<std::io::Result<()>> {
+    let result = step(events);
+    if let Poll::Ready(Err(e)) = &result {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            events.stats.outcome = "send_timeout";
+        }
+    }
+    result
 }
 
 /// Writes the stream's events to the client until it is over; `Ok` once
@@ -245,7 +260,7 @@ impl Relay {
         let mut stall = crate::send_timeout::Stall::new(send_timeout);
         // The task is woken by the upstream, not by hyper's connection.
         events.source_gate = None;
-        let relay = std::future::poll_fn(move |cx| relay(&mut events, &mut tx, &mut stall, cx));
+        let relay = std::future::poll_fn(move |cx| stalled(&mut events, |e| relay(e, &mut tx, &mut stall, cx)));
         let task = tokio::spawn(tracing::Instrument::in_current_span(relay));
         Relay { frames, task: Some(AbortOnDropHandle::new(task)) }
     }

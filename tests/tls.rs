@@ -2,6 +2,8 @@
 //! by ALPN, HTTP/1.1 for clients that only speak that, and
 //! `limits.send_timeout` for a client that stops reading.
 
+#[path = "support/handoff.rs"]
+mod handoff_support;
 mod support;
 
 use std::time::Duration;
@@ -165,6 +167,8 @@ async fn an_http2_stream_that_stops_reading_is_dropped_after_send_timeout() {
         .unwrap();
     let url = format!("https://localhost:{}/v1/stuck", proxy.addr.port());
     let resp = stop_reading(&client, &url, &mut up, Version::HTTP_2).await;
+    let stalled = "ssegate_streams_ended_total{route=\"/v1\",outcome=\"send_timeout\"}";
+    handoff_support::wait_metric(proxy.admin, stalled, 1.0).await;
     // The connection is still good: its next stream is answered.
     let (second, feed) = tokio::join!(client.get(&url).header("accept", "text/event-stream").send(), up.next());
     let second = second.unwrap();
