@@ -149,11 +149,7 @@ impl Body for EventStream {
         if let Some(pump) = &mut this.pump {
             let result = ready!(Pin::new(pump).poll(cx));
             this.pump = None;
-            return match result {
-                Ok(Ok(())) => Poll::Ready(None),
-                Ok(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-                Err(e) => Poll::Ready(Some(Err(e.into()))),
-            };
+            return Poll::Ready(task_end(result));
         }
         let Some(events) = &mut this.events else {
             return Poll::Ready(None);
@@ -181,29 +177,41 @@ impl Body for EventStream {
         // poll of hyper's connection. hyper still watches the socket for the
         // client leaving (dropping this body aborts the task), and writes the
         // last chunk once the task is done.
-        if let (Some(mut events), Some(mut direct)) = (this.events.take(), this.direct.take()) {
-            events.source_gate = None;
-            let pump = std::future::poll_fn(move |cx| stalled(&mut events, |e| pump(e, &mut direct, cx)));
-            let task = tokio::spawn(tracing::Instrument::in_current_span(pump));
-            this.pump = Some(AbortOnDropHandle::new(task));
+        if let (Some(events), Some(mut direct)) = (this.events.take(), this.direct.take()) {
+            this.pump = Some(spawn_stream(events, move |events, cx| pump(events, &mut direct, cx)));
         }
         self.poll_frame(cx)
     }
 }
 
-/// Runs a stream's task step; a stream the client took nothing of for
-/// `limits.send_timeout` (the `Stall` clock's error) ends as `send_timeout`.
-fn stalled(
-    events: &mut Events,
-    step: impl FnOnce(&mut Events) -> Poll<std::io::Result<()>>,
-) -> Poll<std::io::Result<()>> {
-    let result = step(events);
-    if let Poll::Ready(Err(e)) = &result {
-        if e.kind() == std::io::ErrorKind::TimedOut {
-            events.stats.outcome = "send_timeout";
+/// Runs a stream in a task of its own (`pump` or `relay` as `step`), which
+/// the upstream wakes, until it is over; dropping the handle aborts it. A
+/// stream the client took nothing of for `limits.send_timeout` (the `Stall`
+/// clock's error) ends as `send_timeout`.
+fn spawn_stream(
+    mut events: Events,
+    mut step: impl FnMut(&mut Events, &mut Context<'_>) -> Poll<std::io::Result<()>> + Send + 'static,
+) -> AbortOnDropHandle<std::io::Result<()>> {
+    events.source_gate = None;
+    let task = std::future::poll_fn(move |cx| {
+        let result = step(&mut events, cx);
+        if let Poll::Ready(Err(e)) = &result {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                events.stats.outcome = "send_timeout";
+            }
         }
+        result
+    });
+    AbortOnDropHandle::new(tokio::spawn(tracing::Instrument::in_current_span(task)))
+}
+
+/// A stream task's end as the body's last frame: none, or its error.
+fn task_end(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> Option<Result<Frame<Bytes>, BoxError>> {
+    match result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(Err(e.into())),
+        Err(e) => Some(Err(e.into())),
     }
-    result
 }
 
 /// Writes the stream's events to the client until it is over; `Ok` once
@@ -254,15 +262,12 @@ struct Relay {
 }
 
 impl Relay {
-    fn start(mut events: Events, send_timeout: Duration) -> Relay {
+    fn start(events: Events, send_timeout: Duration) -> Relay {
         let (tx, frames) = tokio::sync::mpsc::channel(RELAY_FRAMES);
         let mut tx = tokio_util::sync::PollSender::new(tx);
         let mut stall = crate::send_timeout::Stall::new(send_timeout);
-        // The task is woken by the upstream, not by hyper's connection.
-        events.source_gate = None;
-        let relay = std::future::poll_fn(move |cx| stalled(&mut events, |e| relay(e, &mut tx, &mut stall, cx)));
-        let task = tokio::spawn(tracing::Instrument::in_current_span(relay));
-        Relay { frames, task: Some(AbortOnDropHandle::new(task)) }
+        let task = spawn_stream(events, move |events, cx| relay(events, &mut tx, &mut stall, cx));
+        Relay { frames, task: Some(task) }
     }
 }
 
@@ -279,11 +284,7 @@ impl Body for Relay {
         let Some(task) = &mut this.task else { return Poll::Ready(None) };
         let result = ready!(Pin::new(task).poll(cx));
         this.task = None;
-        match result {
-            Ok(Ok(())) => Poll::Ready(None),
-            Ok(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
+        Poll::Ready(task_end(result))
     }
 }
 
