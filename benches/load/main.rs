@@ -353,6 +353,9 @@ struct StreamResult {
     error: Option<String>,
     /// When the stream ended (for the throughput window).
     ended: Option<Instant>,
+    /// When its first and its last event arrived.
+    first_event: Option<Instant>,
+    last_event: Option<Instant>,
     /// Latencies of this many first events are not recorded (`--warmup-events`).
     warmup_left: u64,
 }
@@ -445,11 +448,21 @@ async fn client(args: ClientArgs) -> Value {
     }
     let last_end = results.iter().filter_map(|r| r.ended).max().unwrap_or_else(Instant::now);
     let window = last_end.duration_since(started).as_secs_f64();
+    // What sets the window: when the last stream got going, and how long
+    // each stream's end came after its last event.
+    let last_first_event_ms =
+        results.iter().filter_map(|r| r.first_event).max().map(|t| t.duration_since(started).as_secs_f64() * 1e3);
+    let mut end_lags: Vec<u64> =
+        results.iter().filter_map(|r| Some(r.ended?.duration_since(r.last_event?).as_nanos() as u64)).collect();
+    end_lags.sort_unstable();
     let after = proc_sample(&pids);
     let machine = machine_busy_s() - machine_before;
     let own = proc_sample(&[std::process::id()]).cpu_s - own_before.cpu_s;
     let upstream = proc_sample(&up_pids).cpu_s - up_before.cpu_s;
     let mut line = summarize(&args, &target, results, window, before, after, open_sample);
+    line["last_first_event_ms"] = json!(last_first_event_ms);
+    line["end_lag_p50_ms"] = json!(percentile(&end_lags, 0.50).map(|ns| ns as f64 / 1e6));
+    line["end_lag_p99_ms"] = json!(percentile(&end_lags, 0.99).map(|ns| ns as f64 / 1e6));
     line["client_cpu_s"] = json!(own);
     line["machine_busy_s"] = json!(machine);
     if args.upstream_pid.is_some() {
@@ -558,7 +571,13 @@ async fn stream_body(
                 let Ok(data) = frame.into_data() else { continue };
                 let now = now_ns();
                 r.bytes += data.len() as u64;
+                let before = r.events;
                 parser.feed(&data, now, r);
+                if r.events > before {
+                    let at = Instant::now();
+                    r.first_event.get_or_insert(at);
+                    r.last_event = Some(at);
+                }
                 if r.ttfe.is_none() && r.events > 0 {
                     r.ttfe = Some(start.elapsed());
                 }

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# System calls of ssegate and of nginx for the same scenario, counted with
+# `perf stat` on their syscall tracepoints (linux-perf is installed with
+# apt-get when missing; perf needs to be allowed to read tracepoints, as
+# root). Uses the binaries benches/load/run.sh builds (run it once first).
+#
+#   benches/load/syscalls.sh              # fan-in: 2,000 streams × 60 events, 100 ms apart
+#   SCENARIO=typing benches/load/syscalls.sh   # typing: 100 streams × 200 events, 20 ms apart
+#
+# Prints, per proxy, the count of each system call that was made at all.
+# Ports 18080 (fake upstream), 18081/18091 (ssegate) and 18082 (nginx) on
+# 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+# shellcheck source=benches/load/common.sh
+. benches/load/common.sh
+bin_dir=$root/target/load-build/debian/release
+load=$bin_dir/ssegate-load
+ssegate=${SSEGATE_BIN:-$bin_dir/ssegate}
+out=$root/target/load/syscalls
+mkdir -p "$out"
+if [ ! -x "$load" ] || [ ! -x "$ssegate" ]; then
+  echo "error: $load or $ssegate is missing; run benches/load/run.sh first" >&2
+  exit 1
+fi
+command -v perf >/dev/null || apt_install linux-perf
+nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
+ports_free 18080 18081 18091 18082 || exit 1
+ulimit -n "$(ulimit -Hn)"
+
+case ${SCENARIO:-fanin} in
+  fanin) streams=2000 query="n=60&size=64&interval_ms=100&format=sse" extra=(--warmup-events 10) ;;
+  typing) streams=100 query="n=200&size=64&interval_ms=20&format=sse" extra=() ;;
+  *)
+    echo "error: SCENARIO is fanin or typing" >&2
+    exit 1
+    ;;
+esac
+
+"$load" upstream --listen 127.0.0.1:18080 2>"$out/upstream.log" &
+up=$!
+pids+=("$up")
+cat >"$out/ssegate.toml" <<CONF
+[server]
+listen = "127.0.0.1:18081"
+admin_listen = "127.0.0.1:18091"
+
+[limits]
+max_streams = 20000
+max_connections = 20000
+
+[[routes]]
+prefix = "/v1"
+upstream = "http://127.0.0.1:18080"
+CONF
+RUST_LOG=warn "$ssegate" --config "$out/ssegate.toml" 2>"$out/ssegate.log" &
+sg=$!
+pids+=("$sg")
+ng_prefix=$out/nginx
+rm -rf "$ng_prefix"
+mkdir -p "$ng_prefix"
+sed -e "s|@PREFIX@|$ng_prefix|g" -e "s|@LISTEN@|127.0.0.1:18082|g" -e "s|@UPSTREAM@|127.0.0.1:18080|g" \
+  benches/load/nginx.conf >"$ng_prefix/nginx.conf"
+"$nginx_bin" -p "$ng_prefix" -c "$ng_prefix/nginx.conf" -e "$ng_prefix/error.log" 2>"$out/nginx.log" &
+ng=$!
+pids+=("$ng")
+for port in 18080 18081 18082; do
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+done
+
+events=raw_syscalls:sys_enter
+for call in epoll_wait epoll_ctl read recvfrom write writev sendto accept4 connect socket setsockopt getsockopt \
+  shutdown close futex mmap munmap madvise; do
+  events+=",syscalls:sys_enter_$call"
+done
+for target in ssegate nginx; do
+  if [ "$target" = ssegate ]; then
+    port=18081 watched=$sg
+  else
+    port=18082 watched=$(pgrep -f "nginx: worker" -P "$ng" | paste -sd, -)
+  fi
+  perf stat -e "$events" -p "$watched" -o "$out/$target.perf" &
+  perf_pid=$!
+  sleep 0.3
+  "$load" client --scenario "${SCENARIO:-fanin}" --target "$target" --streams "$streams" "${extra[@]}" \
+    --url "http://127.0.0.1:$port/v1/stream?$query" >"$out/$target.json"
+  kill -INT "$perf_pid"
+  wait "$perf_pid" || true
+  delivered=$(grep -o '"events":[0-9]*' "$out/$target.json" | head -1 | cut -d: -f2)
+  echo "== $target: $streams streams, $delivered events"
+  awk '/sys_enter/ && $1 != "0" { gsub(",", "", $1); sub("syscalls:sys_enter_", "", $2); print "  " $1, $2 }' \
+    "$out/$target.perf"
+  sleep 1
+done
