@@ -37,20 +37,7 @@ ports_free 18080 18081 18091 || exit 1
 
 "$load" upstream --listen 127.0.0.1:18080 2>"$out/upstream.log" &
 pids+=($!)
-cat >"$out/ssegate.toml" <<EOF
-[server]
-listen = "127.0.0.1:18081"
-admin_listen = "127.0.0.1:18091"
-workers = 1
-
-[limits]
-max_streams = 20000
-max_connections = 20000
-
-[[routes]]
-prefix = "/v1"
-upstream = "http://127.0.0.1:18080"
-EOF
+ssegate_config "$out/ssegate.toml" 127.0.0.1:18081 127.0.0.1:18091 127.0.0.1:18080 "workers = 1"
 rm -f "$out"/callgrind.out*
 callgrind=(valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" --dump-instr=no)
 case $target in
@@ -58,11 +45,8 @@ case $target in
   nginx)
     # benches/load/nginx.conf, as one process with one worker.
     ng=$out/nginx
-    rm -rf "$ng"
-    mkdir -p "$ng"
-    sed -e "s|@PREFIX@|$ng|g" -e "s|@LISTEN@|127.0.0.1:18081|g" -e "s|@UPSTREAM@|127.0.0.1:18080|g" \
-      -e "s|master_process on|master_process off|" -e "s|worker_processes auto|worker_processes 1|" \
-      benches/load/nginx.conf >"$ng/nginx.conf"
+    nginx_config "$ng" 127.0.0.1:18081 127.0.0.1:18080 \
+      -e "s|master_process on|master_process off|" -e "s|worker_processes auto|worker_processes 1|"
     "${callgrind[@]}" "$(command -v nginx || echo /usr/sbin/nginx)" -p "$ng" -c "$ng/nginx.conf" -e "$ng/error.log" \
       2>"$out/valgrind.log" &
     ;;

@@ -38,3 +38,35 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# ssegate_config FILE LISTEN ADMIN UPSTREAM [SERVER_LINE]: the config the
+# scripts measure: one route, /v1 to http://UPSTREAM, limits above the idle
+# scenario's streams; SERVER_LINE goes into [server] (`workers = 1`).
+ssegate_config() {
+  cat >"$1" <<CONF
+[server]
+listen = "$2"
+admin_listen = "$3"
+${5:-}
+
+[limits]
+max_streams = 20000
+max_connections = 20000
+
+[[routes]]
+prefix = "/v1"
+upstream = "http://$4"
+CONF
+}
+
+# nginx_config PREFIX LISTEN UPSTREAM [SED_ARG...]: benches/load/nginx.conf
+# for LISTEN and UPSTREAM, as PREFIX/nginx.conf in an emptied PREFIX; the
+# SED_ARGs (`-e s|...|...|`) change it further.
+nginx_config() {
+  local prefix=$1 listen=$2 upstream=$3
+  shift 3
+  rm -rf "$prefix"
+  mkdir -p "$prefix"
+  sed -e "s|@PREFIX@|$prefix|g" -e "s|@LISTEN@|$listen|g" -e "s|@UPSTREAM@|$upstream|g" "$@" \
+    benches/load/nginx.conf >"$prefix/nginx.conf"
+}

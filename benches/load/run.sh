@@ -94,29 +94,14 @@ pids+=("$up_pid")
 
 # ssegate: one route to the upstream, limits above the idle scenario, logs
 # at warn (nginx runs with access_log off).
-cat >"$out/ssegate.toml" <<EOF
-[server]
-listen = "127.0.0.1:$sg_port"
-admin_listen = "127.0.0.1:$admin_port"
-
-[limits]
-max_streams = 20000
-max_connections = 20000
-
-[[routes]]
-prefix = "/v1"
-upstream = "http://127.0.0.1:$up_port"
-EOF
+ssegate_config "$out/ssegate.toml" "127.0.0.1:$sg_port" "127.0.0.1:$admin_port" "127.0.0.1:$up_port"
 RUST_LOG=warn "$ssegate" --config "$out/ssegate.toml" 2>"$out/ssegate.log" &
 sg_pid=$!
 pids+=("$sg_pid")
 
 # nginx with its own prefix, in the foreground.
 ng_prefix=$out/nginx
-rm -rf "$ng_prefix"
-mkdir -p "$ng_prefix"
-sed -e "s|@PREFIX@|$ng_prefix|g" -e "s|@LISTEN@|127.0.0.1:$ng_port|g" -e "s|@UPSTREAM@|127.0.0.1:$up_port|g" \
-  benches/load/nginx.conf >"$ng_prefix/nginx.conf"
+nginx_config "$ng_prefix" "127.0.0.1:$ng_port" "127.0.0.1:$up_port"
 "$nginx_bin" -p "$ng_prefix" -c "$ng_prefix/nginx.conf" -e "$ng_prefix/error.log" 2>"$out/nginx.log" &
 ng_pid=$!
 pids+=("$ng_pid")

@@ -41,27 +41,12 @@ esac
 "$load" upstream --listen 127.0.0.1:18080 2>"$out/upstream.log" &
 up=$!
 pids+=("$up")
-cat >"$out/ssegate.toml" <<CONF
-[server]
-listen = "127.0.0.1:18081"
-admin_listen = "127.0.0.1:18091"
-
-[limits]
-max_streams = 20000
-max_connections = 20000
-
-[[routes]]
-prefix = "/v1"
-upstream = "http://127.0.0.1:18080"
-CONF
+ssegate_config "$out/ssegate.toml" 127.0.0.1:18081 127.0.0.1:18091 127.0.0.1:18080
 RUST_LOG=warn "$ssegate" --config "$out/ssegate.toml" 2>"$out/ssegate.log" &
 sg=$!
 pids+=("$sg")
 ng_prefix=$out/nginx
-rm -rf "$ng_prefix"
-mkdir -p "$ng_prefix"
-sed -e "s|@PREFIX@|$ng_prefix|g" -e "s|@LISTEN@|127.0.0.1:18082|g" -e "s|@UPSTREAM@|127.0.0.1:18080|g" \
-  benches/load/nginx.conf >"$ng_prefix/nginx.conf"
+nginx_config "$ng_prefix" 127.0.0.1:18082 127.0.0.1:18080
 "$nginx_bin" -p "$ng_prefix" -c "$ng_prefix/nginx.conf" -e "$ng_prefix/error.log" 2>"$out/nginx.log" &
 ng=$!
 pids+=("$ng")
