@@ -350,6 +350,12 @@ struct StreamResult {
     bytes: u64,
     /// From the first byte of the request to the first event.
     ttfe: Option<Duration>,
+    /// Where the time to the first event went: waiting for a connect slot
+    /// (`--connect-concurrency`), the TCP connect, and from connected to the
+    /// response head (the proxy's accept queue and its set-up).
+    slot_wait: Option<Duration>,
+    connect: Option<Duration>,
+    head: Option<Duration>,
     error: Option<String>,
     /// When the stream ended (for the throughput window).
     ended: Option<Instant>,
@@ -514,9 +520,13 @@ async fn stream_body(
     gate: Option<&Gate>,
     r: &mut StreamResult,
 ) -> Result<(), String> {
+    let queued = Instant::now();
     let permit = connects.acquire().await.map_err(|_| "semaphore")?;
     let start = Instant::now();
+    r.slot_wait = Some(start - queued);
     let tcp = TcpStream::connect(target.addr).await.map_err(|e| format!("connect: {}", e.kind()))?;
+    let connected = Instant::now();
+    r.connect = Some(connected - start);
     let _ = tcp.set_nodelay(true);
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| format!("handshake: {e}"))?;
@@ -547,6 +557,7 @@ async fn stream_body(
         .await
         .map_err(|e| format!("request: {e}"))?;
     drop(permit);
+    r.head = Some(connected.elapsed());
     if resp.status() != StatusCode::OK {
         return Err(format!("status {}", resp.status().as_u16()));
     }
@@ -847,6 +858,13 @@ fn summarize(
     ttfe.sort_unstable();
     let us = |v: Option<u64>| v.map(|ns| ns as f64 / 1e3);
     let ms = |v: Option<u64>| v.map(|ns| ns as f64 / 1e6);
+    // The parts of the time to first event, sorted, in ns.
+    let part = |of: fn(&StreamResult) -> Option<Duration>| {
+        let mut v: Vec<u64> = results.iter().filter_map(|r| of(r).map(|d| d.as_nanos() as u64)).collect();
+        v.sort_unstable();
+        v
+    };
+    let (slot_wait, connect, head) = (part(|r| r.slot_wait), part(|r| r.connect), part(|r| r.head));
     let mut out = json!({
         "scenario": args.scenario,
         "target": args.target,
@@ -867,6 +885,10 @@ fn summarize(
         "lat_max_us": us(lats.last().copied()),
         "ttfe_p50_ms": ms(percentile(&ttfe, 0.50)),
         "ttfe_p99_ms": ms(percentile(&ttfe, 0.99)),
+        "slot_wait_p50_ms": ms(percentile(&slot_wait, 0.50)),
+        "connect_p50_ms": ms(percentile(&connect, 0.50)),
+        "head_p50_ms": ms(percentile(&head, 0.50)),
+        "head_p99_ms": ms(percentile(&head, 0.99)),
         "ttfe_max_ms": ms(ttfe.last().copied()),
     });
     if args.pid.is_some() {
