@@ -348,12 +348,16 @@ struct StreamResult {
     lats: Vec<u64>,
     events: u64,
     bytes: u64,
-    /// From the first byte of the request to the first event.
+    /// From the start of the TCP connect (once a connect slot was free) to
+    /// the first event.
     ttfe: Option<Duration>,
-    /// Where the time to the first event went: waiting for a connect slot
-    /// (`--connect-concurrency`), the TCP connect, and from connected to the
-    /// response head (the proxy's accept queue and its set-up).
+    /// Before that, the wait for one of the `--connect-concurrency` slots
+    /// (held until the response head, so a slow head delays later streams).
     slot_wait: Option<Duration>,
+    /// Within it: the TCP connect, and from connected to the response head
+    /// (the proxy's accept queue and its set-up, the upstream's included;
+    /// with `--handoff`, the POST's round trip and the GET's head). Kept
+    /// for the streams that got that far, failed ones too.
     connect: Option<Duration>,
     head: Option<Duration>,
     error: Option<String>,
