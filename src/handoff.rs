@@ -198,6 +198,7 @@ async fn follow(
 ) {
     let mut changed = log.subscribe();
     let keepalive = app.config.sse.keepalive;
+    let send_timeout = app.config.limits.send_timeout;
     let mut last_write = Instant::now();
     // Re-armed lazily from `last_write` when it fires (see `produce`).
     let keepalive_timer = tokio::time::sleep(keepalive);
@@ -212,7 +213,7 @@ async fn follow(
                 if cursor < replay_until {
                     app.metrics.replayed_events.inc_by(count as u64);
                 }
-                if tx.send(frame).await.is_err() {
+                if !hand_over(&tx, frame, send_timeout).await {
                     break;
                 }
                 cursor = next;
@@ -226,7 +227,7 @@ async fn follow(
                     "the events after Last-Event-ID are no longer held (handoff.replay_bytes)",
                 );
                 crate::sse::write_unnumbered(&mut out, app.config.sse.error_event.as_bytes(), &data);
-                let _ = tx.send(out.freeze()).await;
+                let _ = hand_over(&tx, out.freeze(), send_timeout).await;
                 break;
             }
             Read::Wait => {
@@ -239,7 +240,7 @@ async fn follow(
                             continue;
                         }
                         keepalive_timer.as_mut().reset(Instant::now() + keepalive);
-                        if tx.send(KEEPALIVE).await.is_err() {
+                        if !hand_over(&tx, KEEPALIVE, send_timeout).await {
                             break;
                         }
                         last_write = Instant::now();
@@ -251,7 +252,7 @@ async fn follow(
                         let mut out = BytesMut::new();
                         let data = json_error("shutdown", "the proxy is shutting down");
                         crate::sse::write_event(&mut out, cursor + 1, Some(app.config.sse.error_event.as_bytes()), &data);
-                        let _ = tx.send(out.freeze()).await;
+                        let _ = hand_over(&tx, out.freeze(), send_timeout).await;
                         break;
                     }
                 }
@@ -263,6 +264,16 @@ async fn follow(
     if log.detach() {
         tokio::spawn(grace(app, token, log));
     }
+}
+
+/// Hands `frame` to the client's response body: false once the client is
+/// gone, or took nothing for `limits.send_timeout`. Over HTTP/1.1 a client
+/// that stops reading blocks the socket, which that timeout already ends;
+/// over HTTP/2 hyper stops polling the body while the stream's window is
+/// shut, so only this notices, and the client counts as gone (its stream
+/// ends, and resuming with `Last-Event-ID` works as after a drop).
+async fn hand_over(tx: &mpsc::Sender<Bytes>, frame: Bytes, send_timeout: Duration) -> bool {
+    matches!(tokio::time::timeout(send_timeout, tx.send(frame)).await, Ok(Ok(())))
 }
 
 /// After the last client left: wait `resume_grace`; if nobody came back,

@@ -146,16 +146,9 @@ async fn a_client_that_stops_reading_over_tls_is_dropped_after_send_timeout() {
     drop(resp);
 }
 
-/// HTTP/2: a stream whose client stops reading is not held by a blocked
-/// socket but by its flow-control window, which hyper waits on without
-/// polling the stream. The proxy still lets go of the model's answer after
-/// `limits.send_timeout`, and the connection's other streams go on.
-#[tokio::test]
-async fn an_http2_stream_that_stops_reading_is_dropped_after_send_timeout() {
-    let tls = certificate();
-    let (mut up, proxy) = stuck_proxy(&tls).await;
-    // Small windows, opened only as the application reads.
-    let client = reqwest::Client::builder()
+/// An HTTP/2 client with small windows, opened only as the application reads.
+fn h2_reading_client(tls: &Tls) -> reqwest::Client {
+    reqwest::Client::builder()
         .no_proxy()
         .tls_built_in_root_certs(false)
         .add_root_certificate(tls.root.clone())
@@ -164,7 +157,53 @@ async fn an_http2_stream_that_stops_reading_is_dropped_after_send_timeout() {
         .http2_adaptive_window(false)
         .timeout(Duration::from_secs(20))
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// HTTP/2, handoff: a browser that stops reading its stream is let go after
+/// `limits.send_timeout`, as over HTTP/1.1, so that with nobody else
+/// listening the model's work stops after `handoff.resume_grace`.
+#[tokio::test]
+async fn an_http2_handoff_stream_that_stops_reading_is_let_go_after_send_timeout() {
+    let tls = certificate();
+    let (mut up, proxy) = {
+        let up = ManualUpstream::start(200, &[("content-type", "text/event-stream")]).await;
+        let mut config = support::config(up.addr);
+        config.server.tls = Some(tls.config.clone());
+        config.limits.send_timeout = Duration::from_millis(300);
+        config.handoff.resume_grace = Duration::from_millis(200);
+        (up, Proxy::start(config).await)
+    };
+    let client = h2_reading_client(&tls);
+    let base = format!("https://localhost:{}", proxy.addr.port());
+    let created = handoff_support::create(&client, &base, "/v1/chat", "{}").await;
+    let (resp, feed) = tokio::join!(client.get(format!("{base}{}", created.stream_url)).send(), up.next());
+    let resp = resp.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    // A model that keeps writing, 64 KiB events 20 ms apart: more than the
+    // stream's window holds, for up to 10 s.
+    let event = format!("data: {}\n\n", "x".repeat(64 * 1024));
+    let mut let_go = false;
+    for _ in 0..500 {
+        if !feed.offer(&event).await {
+            let_go = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(let_go, "the proxy still read the model's answer 10 s after its only client stopped reading");
+    drop(resp);
+}
+
+/// HTTP/2: a stream whose client stops reading is not held by a blocked
+/// socket but by its flow-control window, which hyper waits on without
+/// polling the stream. The proxy still lets go of the model's answer after
+/// `limits.send_timeout`, and the connection's other streams go on.
+#[tokio::test]
+async fn an_http2_stream_that_stops_reading_is_dropped_after_send_timeout() {
+    let tls = certificate();
+    let (mut up, proxy) = stuck_proxy(&tls).await;
+    let client = h2_reading_client(&tls);
     let url = format!("https://localhost:{}/v1/stuck", proxy.addr.port());
     let resp = stop_reading(&client, &url, &mut up, Version::HTTP_2).await;
     let stalled = "ssegate_streams_ended_total{route=\"/v1\",outcome=\"send_timeout\"}";
