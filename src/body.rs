@@ -101,21 +101,48 @@ pub fn caused_by<T: std::error::Error + 'static>(err: &(dyn std::error::Error + 
 /// A body fed through a channel, for responses produced by a task.
 pub struct ChannelBody {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
+    cut: Cut,
 }
 
 impl ChannelBody {
     /// A body and the sender that feeds it; dropping the sender ends it.
     pub fn new(capacity: usize) -> (tokio::sync::mpsc::Sender<Bytes>, ChannelBody) {
         let (tx, rx) = tokio::sync::mpsc::channel(capacity);
-        (tx, ChannelBody { rx })
+        (tx, ChannelBody { rx, cut: Cut::default() })
+    }
+
+    /// Makes the body end with an error instead, after what is queued,
+    /// once [`Cut::cut`] was called: HTTP/2 resets the stream, HTTP/1.1
+    /// closes the connection without the last chunk.
+    pub fn cut(&self) -> Cut {
+        self.cut.clone()
     }
 }
+
+/// Ends a [`ChannelBody`] with an error (see [`ChannelBody::cut`]).
+#[derive(Clone, Default)]
+pub struct Cut(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cut {
+    pub fn cut(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Why a [`ChannelBody`] ended early.
+#[derive(Debug, thiserror::Error)]
+#[error("the client took nothing for limits.send_timeout")]
+pub struct Stalled;
 
 impl Body for ChannelBody {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+        match std::task::ready!(self.rx.poll_recv(cx)) {
+            Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            None if self.cut.0.load(std::sync::atomic::Ordering::Acquire) => Poll::Ready(Some(Err(Stalled.into()))),
+            None => Poll::Ready(None),
+        }
     }
 }

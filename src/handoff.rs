@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::body::{full, ChannelBody, ResponseBody};
+use crate::body::{full, ChannelBody, Cut, ResponseBody};
 use crate::decompress::{ChunkError, Decoded};
 use crate::error::{json_error, Error};
 use crate::metrics::ReasonLabel;
@@ -154,14 +154,18 @@ pub async fn attach(app: &Arc<App>, req: Request<Incoming>, token: &str) -> Resu
         }
     };
     let (tx, body) = ChannelBody::new(4);
+    // HTTP/2 only: over HTTP/1.1 a client that stops reading blocks the
+    // socket, which `limits.send_timeout` already ends (counting bytes).
+    let send_timeout = (req.version() == http::Version::HTTP_2).then_some(app.config.limits.send_timeout);
+    let reader = Reader { tx, send_timeout, cut: body.cut() };
     let mut prelude = BytesMut::new();
     write_retry(&mut prelude, app.config.sse.retry);
     prelude.extend_from_slice(OPEN_COMMENT);
     // The channel is new and has room: the head and prelude go out at once.
-    let _ = tx.try_send(prelude.freeze());
+    let _ = reader.tx.try_send(prelude.freeze());
     let (generation, owner) = log.attach();
     app.store.client_attached(token).await;
-    tokio::spawn(follow(app.clone(), token.to_string(), log, cursor, tx, generation, owner));
+    tokio::spawn(follow(app.clone(), token.to_string(), log, cursor, reader, generation, owner));
     let (mut head, ()) = Response::new(()).into_parts();
     event_stream_head(&mut head);
     Ok(Response::from_parts(head, body.boxed_unsync()))
@@ -186,19 +190,20 @@ fn store_error(e: StoreError) -> Error {
 }
 
 /// Writes the log to one client from `cursor` on, until the stream ends,
-/// the client leaves, or a newer GET takes the stream over.
+/// the client leaves (or, on HTTP/2, takes nothing for
+/// `limits.send_timeout`), or a newer GET takes the stream over.
 async fn follow(
     app: Arc<App>,
     token: String,
     log: Arc<StreamLog>,
     mut cursor: u64,
-    tx: mpsc::Sender<Bytes>,
+    reader: Reader,
     generation: u64,
     mut owner: tokio::sync::watch::Receiver<u64>,
 ) {
     let mut changed = log.subscribe();
     let keepalive = app.config.sse.keepalive;
-    let send_timeout = app.config.limits.send_timeout;
+    let tx = &reader.tx;
     let mut last_write = Instant::now();
     // Re-armed lazily from `last_write` when it fires (see `produce`).
     let keepalive_timer = tokio::time::sleep(keepalive);
@@ -213,7 +218,7 @@ async fn follow(
                 if cursor < replay_until {
                     app.metrics.replayed_events.inc_by(count as u64);
                 }
-                if !hand_over(&tx, frame, send_timeout).await {
+                if !reader.hand_over(frame, &mut owner).await {
                     break;
                 }
                 cursor = next;
@@ -227,7 +232,7 @@ async fn follow(
                     "the events after Last-Event-ID are no longer held (handoff.replay_bytes)",
                 );
                 crate::sse::write_unnumbered(&mut out, app.config.sse.error_event.as_bytes(), &data);
-                let _ = hand_over(&tx, out.freeze(), send_timeout).await;
+                let _ = reader.hand_over(out.freeze(), &mut owner).await;
                 break;
             }
             Read::Wait => {
@@ -240,7 +245,7 @@ async fn follow(
                             continue;
                         }
                         keepalive_timer.as_mut().reset(Instant::now() + keepalive);
-                        if !hand_over(&tx, KEEPALIVE, send_timeout).await {
+                        if !reader.hand_over(KEEPALIVE, &mut owner).await {
                             break;
                         }
                         last_write = Instant::now();
@@ -252,28 +257,58 @@ async fn follow(
                         let mut out = BytesMut::new();
                         let data = json_error("shutdown", "the proxy is shutting down");
                         crate::sse::write_event(&mut out, cursor + 1, Some(app.config.sse.error_event.as_bytes()), &data);
-                        let _ = hand_over(&tx, out.freeze(), send_timeout).await;
+                        let _ = reader.hand_over(out.freeze(), &mut owner).await;
                         break;
                     }
                 }
             }
         }
     }
-    drop(tx);
+    drop(reader);
     app.store.client_detached(&token).await;
     if log.detach() {
         tokio::spawn(grace(app, token, log));
     }
 }
 
-/// Hands `frame` to the client's response body: false once the client is
-/// gone, or took nothing for `limits.send_timeout`. Over HTTP/1.1 a client
-/// that stops reading blocks the socket, which that timeout already ends;
-/// over HTTP/2 hyper stops polling the body while the stream's window is
-/// shut, so only this notices, and the client counts as gone (its stream
-/// ends, and resuming with `Last-Event-ID` works as after a drop).
-async fn hand_over(tx: &mpsc::Sender<Bytes>, frame: Bytes, send_timeout: Duration) -> bool {
-    matches!(tokio::time::timeout(send_timeout, tx.send(frame)).await, Ok(Ok(())))
+/// Where [`follow`] writes: the client's response body.
+struct Reader {
+    tx: mpsc::Sender<Bytes>,
+    /// HTTP/2: how long the body may take nothing before the client counts
+    /// as gone. hyper stops polling a stream's body while the client's
+    /// flow-control window is shut, so only this notices a client that
+    /// stopped reading (and still answers pings).
+    send_timeout: Option<Duration>,
+    /// Ends the body with an error once that happened.
+    cut: Cut,
+}
+
+impl Reader {
+    /// Hands `frame` to the body: false once the client is gone, took
+    /// nothing for the send timeout (the body then ends with an error after
+    /// what is queued), or a newer GET took the stream over meanwhile.
+    async fn hand_over(&self, frame: Bytes, owner: &mut tokio::sync::watch::Receiver<u64>) -> bool {
+        let frame = match self.tx.try_send(frame) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(frame)) => frame,
+        };
+        let deadline = async {
+            match self.send_timeout {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            sent = self.tx.send(frame) => sent.is_ok(),
+            _ = owner.changed() => false,
+            () = deadline => {
+                tracing::debug!("a handoff client took nothing for limits.send_timeout");
+                self.cut.cut();
+                false
+            }
+        }
+    }
 }
 
 /// After the last client left: wait `resume_grace`; if nobody came back,
