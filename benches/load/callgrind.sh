@@ -18,9 +18,7 @@ cd "$(dirname "$0")/../.."
 root=$PWD
 # shellcheck source=benches/load/common.sh
 . benches/load/common.sh
-bin_dir=$root/target/load-build/debian/release
-load=$bin_dir/ssegate-load
-ssegate=${SSEGATE_BIN:-$bin_dir/ssegate}
+load_binaries
 target=${TARGET:-ssegate}
 streams=${STREAMS:-10}
 events=${EVENTS:-200}
@@ -28,10 +26,6 @@ interval=${INTERVAL_MS:-20}
 out=$root/target/load/callgrind
 mkdir -p "$out"
 
-if [ ! -x "$load" ] || [ ! -x "$ssegate" ]; then
-  echo "error: $load or $ssegate is missing; run benches/load/run.sh first" >&2
-  exit 1
-fi
 command -v valgrind >/dev/null || apt_install valgrind
 ports_free 18080 18081 18091 || exit 1
 

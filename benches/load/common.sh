@@ -1,4 +1,4 @@
-# Shared by run.sh and callgrind.sh (sourced, not run).
+# Shared by run.sh, callgrind.sh and syscalls.sh (sourced, not run).
 
 # apt_install PKG...: installs Debian packages, with sudo when not root.
 # A package's system service (nginx) is not started: policy-rc.d says no
@@ -69,4 +69,16 @@ nginx_config() {
   mkdir -p "$prefix"
   sed -e "s|@PREFIX@|$prefix|g" -e "s|@LISTEN@|$listen|g" -e "s|@UPSTREAM@|$upstream|g" "$@" \
     benches/load/nginx.conf >"$prefix/nginx.conf"
+}
+
+# load_binaries: sets load and ssegate to the binaries benches/load/run.sh
+# builds (SSEGATE_BIN picks another ssegate), failing when one is missing.
+load_binaries() {
+  local bin_dir=$PWD/target/load-build/debian/release
+  load=$bin_dir/ssegate-load
+  ssegate=${SSEGATE_BIN:-$bin_dir/ssegate}
+  if [ ! -x "$load" ] || [ ! -x "$ssegate" ]; then
+    echo "error: $load or $ssegate is missing; run benches/load/run.sh first" >&2
+    exit 1
+  fi
 }

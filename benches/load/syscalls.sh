@@ -15,15 +15,9 @@ cd "$(dirname "$0")/../.."
 root=$PWD
 # shellcheck source=benches/load/common.sh
 . benches/load/common.sh
-bin_dir=$root/target/load-build/debian/release
-load=$bin_dir/ssegate-load
-ssegate=${SSEGATE_BIN:-$bin_dir/ssegate}
+load_binaries
 out=$root/target/load/syscalls
 mkdir -p "$out"
-if [ ! -x "$load" ] || [ ! -x "$ssegate" ]; then
-  echo "error: $load or $ssegate is missing; run benches/load/run.sh first" >&2
-  exit 1
-fi
 command -v perf >/dev/null || apt_install linux-perf
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 ports_free 18080 18081 18091 18082 || exit 1
