@@ -6,8 +6,10 @@
 #
 #   benches/load/syscalls.sh              # fan-in: 2,000 streams × 60 events, 100 ms apart
 #   SCENARIO=typing benches/load/syscalls.sh   # typing: 100 streams × 200 events, 20 ms apart
+#   SCENARIO=setup benches/load/syscalls.sh    # set-ups: 2,000 streams of one event each
 #
-# Prints, per proxy, the count of each system call that was made at all.
+# Prints, per proxy, the count of each system call that was made at all,
+# and the proxy's CPU time (task-clock), page faults and context switches.
 # Ports 18080 (fake upstream), 18081/18091 (ssegate) and 18082 (nginx) on
 # 127.0.0.1.
 set -euo pipefail
@@ -26,8 +28,9 @@ ulimit -n "$(ulimit -Hn)"
 case ${SCENARIO:-fanin} in
   fanin) streams=2000 query="n=60&size=64&interval_ms=100&format=sse" extra=(--warmup-events 10) ;;
   typing) streams=100 query="n=200&size=64&interval_ms=20&format=sse" extra=() ;;
+  setup) streams=2000 query="n=1&size=64&interval_ms=0&format=sse" extra=(--spread-ms 0) ;;
   *)
-    echo "error: SCENARIO is fanin or typing" >&2
+    echo "error: SCENARIO is fanin, typing or setup" >&2
     exit 1
     ;;
 esac
@@ -51,7 +54,7 @@ for port in 18080 18081 18082; do
   done
 done
 
-events=raw_syscalls:sys_enter
+events=task-clock,page-faults,context-switches,raw_syscalls:sys_enter
 for call in epoll_wait epoll_ctl read recvfrom write writev sendto accept4 connect socket setsockopt getsockopt \
   shutdown close futex mmap munmap madvise; do
   events+=",syscalls:sys_enter_$call"
@@ -71,7 +74,8 @@ for target in ssegate nginx; do
   wait "$perf_pid" || true
   delivered=$(grep -o '"events":[0-9]*' "$out/$target.json" | head -1 | cut -d: -f2)
   echo "== $target: $streams streams, $delivered events"
-  awk '/sys_enter/ && $1 != "0" { gsub(",", "", $1); sub("syscalls:sys_enter_", "", $2); print "  " $1, $2 }' \
+  awk '/sys_enter/ && $1 != "0" { gsub(",", "", $1); sub("syscalls:sys_enter_", "", $2); print "  " $1, $2 }
+    /task-clock|page-faults|context-switches/ { gsub(",", "", $1); print "  " $1, ($2 == "msec" ? "ms " $3 : $2) }' \
     "$out/$target.perf"
   sleep 1
 done
