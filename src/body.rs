@@ -129,7 +129,8 @@ impl Cut {
     }
 }
 
-/// Why a [`ChannelBody`] ended early.
+/// A client that took nothing for `limits.send_timeout`: the error a stream
+/// ends with then (a [`ChannelBody`] that was cut, `crate::send_timeout`).
 #[derive(Debug, thiserror::Error)]
 #[error("the client took nothing for limits.send_timeout")]
 pub struct Stalled;

@@ -87,10 +87,12 @@ pub async fn forward(
             None => app.client_slot(&client).await?,
         };
         use crate::stream::Writer;
-        let writer = match parts.extensions.get::<crate::direct::ClientSocket>() {
-            _ if parts.version == http::Version::HTTP_2 => Writer::Relay,
-            Some(client) => Writer::Direct(client.clone()),
-            None => Writer::Hyper,
+        let writer = if parts.version == http::Version::HTTP_2 {
+            Writer::Relay
+        } else if let Some(client) = parts.extensions.get::<crate::direct::ClientSocket>() {
+            Writer::Direct(client.clone())
+        } else {
+            Writer::Hyper
         };
         return Ok(crate::stream::direct_response(app, route, head, body, started, (slot, client_slot), writer));
     }

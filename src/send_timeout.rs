@@ -49,10 +49,7 @@ impl Stall {
         }
         let ran_out = self.timer.as_mut().is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
         if ran_out {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the client took nothing for {:?} (limits.send_timeout)", self.timeout),
-            ));
+            return Err(io::Error::new(io::ErrorKind::TimedOut, crate::body::Stalled));
         }
         Ok(())
     }

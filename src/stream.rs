@@ -196,7 +196,9 @@ fn spawn_stream(
     let task = std::future::poll_fn(move |cx| {
         let result = step(&mut events, cx);
         if let Poll::Ready(Err(e)) = &result {
-            if e.kind() == std::io::ErrorKind::TimedOut {
+            // This clock's error, not any `TimedOut` (the kernel's own, for
+            // a client whose retransmissions ran out, is `client_gone`).
+            if e.get_ref().is_some_and(|inner| inner.is::<crate::body::Stalled>()) {
                 events.stats.outcome = "send_timeout";
             }
         }

@@ -108,12 +108,13 @@ async fn plain_http_client_on_a_tls_listener_is_not_served() {
 }
 
 /// A proxy over TLS with a 300 ms `limits.send_timeout` in front of a
-/// manual upstream.
-async fn stuck_proxy(tls: &Tls) -> (ManualUpstream, Proxy) {
+/// manual upstream; `tweak` changes the config further.
+async fn stuck_proxy(tls: &Tls, tweak: impl FnOnce(&mut ssegate::config::Config)) -> (ManualUpstream, Proxy) {
     let up = ManualUpstream::start(200, &[("content-type", "text/event-stream")]).await;
     let mut config = support::config(up.addr);
     config.server.tls = Some(tls.config.clone());
     config.limits.send_timeout = Duration::from_millis(300);
+    tweak(&mut config);
     (up, Proxy::start(config).await)
 }
 
@@ -140,7 +141,7 @@ async fn stop_reading(
 #[tokio::test]
 async fn a_client_that_stops_reading_over_tls_is_dropped_after_send_timeout() {
     let tls = certificate();
-    let (mut up, proxy) = stuck_proxy(&tls).await;
+    let (mut up, proxy) = stuck_proxy(&tls, |_| ()).await;
     let url = format!("https://localhost:{}/v1/stuck", proxy.addr.port());
     let resp = stop_reading(&https_client(&tls, true), &url, &mut up, Version::HTTP_11).await;
     drop(resp);
@@ -166,14 +167,7 @@ fn h2_reading_client(tls: &Tls) -> reqwest::Client {
 #[tokio::test]
 async fn an_http2_handoff_stream_that_stops_reading_is_let_go_after_send_timeout() {
     let tls = certificate();
-    let (mut up, proxy) = {
-        let up = ManualUpstream::start(200, &[("content-type", "text/event-stream")]).await;
-        let mut config = support::config(up.addr);
-        config.server.tls = Some(tls.config.clone());
-        config.limits.send_timeout = Duration::from_millis(300);
-        config.handoff.resume_grace = Duration::from_millis(200);
-        (up, Proxy::start(config).await)
-    };
+    let (mut up, proxy) = stuck_proxy(&tls, |c| c.handoff.resume_grace = Duration::from_millis(200)).await;
     let client = h2_reading_client(&tls);
     let base = format!("https://localhost:{}", proxy.addr.port());
     let created = handoff_support::create(&client, &base, "/v1/chat", "{}").await;
@@ -206,7 +200,7 @@ async fn an_http2_handoff_stream_that_stops_reading_is_let_go_after_send_timeout
 #[tokio::test]
 async fn an_http2_stream_that_stops_reading_is_dropped_after_send_timeout() {
     let tls = certificate();
-    let (mut up, proxy) = stuck_proxy(&tls).await;
+    let (mut up, proxy) = stuck_proxy(&tls, |_| ()).await;
     let client = h2_reading_client(&tls);
     let url = format!("https://localhost:{}/v1/stuck", proxy.addr.port());
     let resp = stop_reading(&client, &url, &mut up, Version::HTTP_2).await;
