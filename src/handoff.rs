@@ -26,6 +26,7 @@ use crate::error::{json_error, Error};
 use crate::metrics::ReasonLabel;
 use crate::proxy::{self, ConnInfo};
 use crate::reframe::{Reframer, Wire};
+use crate::send_timeout::Stall;
 use crate::sse::{write_retry, KEEPALIVE, OPEN_COMMENT};
 use crate::store::log::Read;
 use crate::store::{Redeem, StoreError, StoredRequest, StreamLog};
@@ -157,7 +158,7 @@ pub async fn attach(app: &Arc<App>, req: Request<Incoming>, token: &str) -> Resu
     // HTTP/2 only: over HTTP/1.1 a client that stops reading blocks the
     // socket, which `limits.send_timeout` already ends (counting bytes).
     let send_timeout = (req.version() == http::Version::HTTP_2).then_some(app.config.limits.send_timeout);
-    let reader = Reader { tx, send_timeout, cut: body.cut() };
+    let reader = Reader { tx, stall: send_timeout.map(Stall::new), cut: body.cut() };
     let mut prelude = BytesMut::new();
     write_retry(&mut prelude, app.config.sse.retry);
     prelude.extend_from_slice(OPEN_COMMENT);
@@ -197,13 +198,12 @@ async fn follow(
     token: String,
     log: Arc<StreamLog>,
     mut cursor: u64,
-    reader: Reader,
+    mut reader: Reader,
     generation: u64,
     mut owner: tokio::sync::watch::Receiver<u64>,
 ) {
     let mut changed = log.subscribe();
     let keepalive = app.config.sse.keepalive;
-    let tx = &reader.tx;
     let mut last_write = Instant::now();
     // Re-armed lazily from `last_write` when it fires (see `produce`).
     let keepalive_timer = tokio::time::sleep(keepalive);
@@ -250,7 +250,7 @@ async fn follow(
                         }
                         last_write = Instant::now();
                     }
-                    _ = tx.closed() => break,
+                    _ = reader.tx.closed() => break,
                     // A copy of another instance's stream has no local
                     // producer to write the `shutdown` event: write it here.
                     _ = app.drain.cancelled(), if log.mirror => {
@@ -274,12 +274,12 @@ async fn follow(
 /// Where [`follow`] writes: the client's response body.
 struct Reader {
     tx: mpsc::Sender<Bytes>,
-    /// HTTP/2: how long the body may take nothing before the client counts
-    /// as gone. hyper stops polling a stream's body while the client's
+    /// HTTP/2: the clock of `limits.send_timeout`, run while the body takes
+    /// nothing. hyper stops polling a stream's body while the client's
     /// flow-control window is shut, so only this notices a client that
     /// stopped reading (and still answers pings).
-    send_timeout: Option<Duration>,
-    /// Ends the body with an error once that happened.
+    stall: Option<Stall>,
+    /// Ends the body with an error once the clock ran out.
     cut: Cut,
 }
 
@@ -287,27 +287,31 @@ impl Reader {
     /// Hands `frame` to the body: false once the client is gone, took
     /// nothing for the send timeout (the body then ends with an error after
     /// what is queued), or a newer GET took the stream over meanwhile.
-    async fn hand_over(&self, frame: Bytes, owner: &mut tokio::sync::watch::Receiver<u64>) -> bool {
-        let frame = match self.tx.try_send(frame) {
-            Ok(()) => return true,
+    async fn hand_over(&mut self, frame: Bytes, owner: &mut tokio::sync::watch::Receiver<u64>) -> bool {
+        let Reader { tx, stall, cut } = self;
+        let sent = match tx.try_send(frame) {
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            Err(mpsc::error::TrySendError::Full(frame)) => frame,
-        };
-        let deadline = async {
-            match self.send_timeout {
-                Some(limit) => tokio::time::sleep(limit).await,
-                None => std::future::pending().await,
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                let stalled = std::future::poll_fn(|cx| match stall {
+                    Some(stall) => stall.poll_blocked::<()>(cx),
+                    None => std::task::Poll::Pending,
+                });
+                tokio::select! {
+                    sent = tx.send(frame) => sent.is_ok(),
+                    _ = owner.changed() => return false,
+                    _ = stalled => {
+                        tracing::debug!("a handoff client took nothing for limits.send_timeout");
+                        cut.cut();
+                        return false;
+                    }
+                }
             }
         };
-        tokio::select! {
-            sent = self.tx.send(frame) => sent.is_ok(),
-            _ = owner.changed() => false,
-            () = deadline => {
-                tracing::debug!("a handoff client took nothing for limits.send_timeout");
-                self.cut.cut();
-                false
-            }
+        if let Some(stall) = stall {
+            stall.progress();
         }
+        sent
     }
 }
 
