@@ -170,7 +170,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> Re
     let Some(route) = app.routes.find(req.uri().path()).cloned() else {
         return Error::NotFound.into_response();
     };
-    let result = proxy::forward(&app, &route, req, conn).await;
+    // Boxed: awaited in place, its future (3.6 KB) took up twice its size
+    // in this one (8 KB in all), which hyper boxes for every request; now
+    // 0.8 KB and 3.6 KB, and 1,000 fewer instructions per set-up (callgrind).
+    let result = Box::pin(proxy::forward(&app, &route, req, conn)).await;
     let failed = match &result {
         Ok(resp) if resp.status().as_u16() >= 400 => Some("upstream_status"),
         Ok(_) => None,
