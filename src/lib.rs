@@ -32,6 +32,8 @@ pub mod error;
 pub mod h1;
 pub mod handoff;
 pub mod metrics;
+#[cfg(unix)]
+pub mod open_files;
 pub mod passthrough;
 pub mod proxy;
 pub mod reframe;

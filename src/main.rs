@@ -130,6 +130,19 @@ fn demo_config(listen: Option<std::net::SocketAddr>) -> Config {
 /// the `--listen` override), or None for the demo.
 fn serve(mut config: Config, reload_from: Option<(PathBuf, Option<std::net::SocketAddr>)>) -> ExitCode {
     let with_demo = reload_from.is_none();
+    // Before the runtime's threads start: see `open_files::prepare`.
+    #[cfg(unix)]
+    match ssegate::open_files::prepare(config.limits.max_connections) {
+        Ok(files) => {
+            if let Some(from) = files.raised_from {
+                tracing::debug!(from, to = files.limit, "raised the open-files limit");
+            }
+            if let Some(warning) = files.warning(config.limits.max_connections) {
+                tracing::warn!("{warning}");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "the open-files limit could not be read"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),

@@ -360,3 +360,125 @@ async fn the_allocator_takes_the_binary_s_options() {
     );
     assert!(stderr.contains("Set conf value: slab_sizes:4097-16384:8"), "{stderr}");
 }
+
+/// Starts the binary on `path` with its open-files limits set to `soft` and
+/// (when given) `hard` before it runs, logging JSON at info to a pipe.
+fn spawn_with_open_files(path: &Path, soft: libc::rlim_t, hard: Option<libc::rlim_t>) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--config", path.to_str().unwrap(), "--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: between fork and exec the closure only calls getrlimit and
+    // setrlimit, which are async-signal-safe, on a local struct.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim.rlim_cur = soft;
+            if let Some(hard) = hard {
+                lim.rlim_max = hard;
+            }
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+/// A line of `/proc/<pid>/<file>` that starts with `key`, as numbers.
+fn proc_numbers(pid: u32, file: &str, key: &str) -> Vec<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+    let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key} in {file}:\n{text}"));
+    line[key.len()..].split_whitespace().filter_map(|w| w.parse().ok()).collect()
+}
+
+/// Started from a shell whose soft limit is 256 open files, ssegate raises
+/// it to the hard limit: 300 streams (600 descriptors in the proxy) all
+/// get their first event. Its descriptor table is sized for
+/// `max_connections` from the start.
+#[tokio::test]
+async fn a_low_soft_open_files_limit_does_not_cap_the_streams() {
+    const STREAMS: usize = 300;
+    // This process holds both ends too: the clients and the fake upstream.
+    let own = ssegate::open_files::prepare(STREAMS).unwrap();
+    assert!(own.limit >= own.needed, "the test needs {} open files; the hard limit is {}", own.needed, own.limit);
+    let upstream =
+        Upstream::start(|_| Reply::chunks("text/event-stream", &[b"data: first\n\n"]).ending(End::Hang)).await;
+    let text = config_text("127.0.0.1:0", &free_addr().to_string(), &format!("http://{}", upstream.addr));
+    let (_dir, path) = write_config(&text);
+    let mut child = spawn_with_open_files(&path, 256, None);
+    let pid = child.id().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let addr = listening_addr(&line_matching(&mut stderr, &mut seen, |l| l.contains("ssegate listening")).await);
+    // A line per stream follows: read on, or the pipe fills and the proxy
+    // waits on its log.
+    let logs = tokio::spawn(async move {
+        let mut rest = String::new();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        rest
+    });
+
+    let c = client();
+    let opens = (0..STREAMS).map(|_| {
+        let c = c.clone();
+        async move {
+            let mut resp =
+                c.get(format!("http://{addr}/v1/chat")).header("accept", "text/event-stream").send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let first = resp.chunk().await.unwrap().expect("the stream ended before its first event");
+            assert!(String::from_utf8_lossy(&first).contains("data: first"), "{first:?}");
+            resp
+        }
+    });
+    let open = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(opens))
+        .await
+        .expect("not every stream got its first event within 30 s");
+    assert_eq!(open.len(), STREAMS);
+
+    let limits = proc_numbers(pid, "limits", "Max open files");
+    assert_eq!(limits[0], limits[1], "the soft limit was not raised to the hard one: {limits:?}");
+    // Two descriptors per connection for the default 10,000, or the limit.
+    let fd_size = proc_numbers(pid, "status", "FDSize:")[0];
+    let needed = ssegate::open_files::needed(10_000);
+    assert!(fd_size >= limits[0].min(needed), "descriptor table of {fd_size} for a limit of {}", limits[0]);
+    drop(open);
+    sigterm(&child);
+    assert_eq!(exit_code(&mut child).await, Some(0));
+    let rest = logs.await.unwrap();
+    assert!(!rest.contains("panicked"), "{rest}");
+}
+
+/// A hard limit below what `limits.max_connections` needs is named in a
+/// warning at start, with what it means; the proxy still serves.
+#[tokio::test]
+async fn an_open_files_limit_below_max_connections_is_warned_about() {
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let text = config_text("127.0.0.1:0", &free_addr().to_string(), &format!("http://{}", upstream.addr));
+    let (_dir, path) = write_config(&text);
+    let mut child = spawn_with_open_files(&path, 512, Some(512));
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let warning = line_matching(&mut stderr, &mut seen, |l| l.contains("below the")).await;
+    assert!(warning.contains("\"level\":\"WARN\""), "{warning}");
+    assert!(
+        warning.contains("the open-files limit is 512, below the 20064 that limits.max_connections = 10000 needs")
+            && warning.contains("past about 224 streams"),
+        "{warning}"
+    );
+    let addr = listening_addr(&line_matching(&mut stderr, &mut seen, |l| l.contains("ssegate listening")).await);
+    let resp = client().get(format!("http://{addr}/v1/x")).send().await.unwrap();
+    assert_eq!(body_text(resp).await, "ok");
+    sigterm(&child);
+    assert_eq!(exit_code(&mut child).await, Some(0));
+}

@@ -1,4 +1,4 @@
-# Shared by run.sh, callgrind.sh and syscalls.sh (sourced, not run).
+# Shared by run.sh, callgrind.sh, syscalls.sh and first_burst.sh (sourced, not run).
 
 # apt_install PKG...: installs Debian packages, with sudo when not root.
 # A package's system service (nginx) is not started: policy-rc.d says no
@@ -26,6 +26,18 @@ ports_free() {
       return 1
     fi
   done
+}
+
+# wait_port PORT WHAT: waits (10 s at most) until something listens on
+# 127.0.0.1:PORT, else exits naming WHAT and the logs in $out.
+wait_port() {
+  local i
+  for i in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "error: nothing listens on 127.0.0.1:$1 ($2); see $out/*.log" >&2
+  exit 1
 }
 
 # Every process started in the background goes into pids; they are killed

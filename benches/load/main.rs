@@ -121,6 +121,9 @@ struct ClientArgs {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Report { .. }) {
+        presize_fd_table();
+    }
     match cli.cmd {
         Cmd::Upstream { listen, threads } => runtime(threads).block_on(upstream(listen)),
         Cmd::Client(args) => {
@@ -128,6 +131,30 @@ fn main() {
             println!("{line}");
         }
         Cmd::Report { file } => report(&file),
+    }
+}
+
+/// Grows this process's descriptor table to its open-files limit (at most
+/// 65,536) before any thread starts. Grown on demand instead, by doubling
+/// while threads run, each step waits for an RCU grace period and holds up
+/// every thread that opens a socket meanwhile: a delay in the middle of a
+/// burst of connects that is the harness's own (ssegate sizes its table at
+/// start the same way, `src/open_files.rs`).
+fn presize_fd_table() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let Ok(top) = libc::c_int::try_from(lim.rlim_cur.min(65_536).saturating_sub(1)) else { return };
+    let Ok(root) = std::fs::File::open("/") else { return };
+    // SAFETY: F_DUPFD_CLOEXEC duplicates an open descriptor onto the lowest
+    // free one at or above `top`, which nothing else owns.
+    let dup = unsafe { libc::fcntl(root.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top) };
+    if dup >= 0 {
+        // SAFETY: `dup` was just opened and is owned here alone.
+        drop(unsafe { OwnedFd::from_raw_fd(dup) });
     }
 }
 

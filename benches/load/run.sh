@@ -77,16 +77,6 @@ ports_free "$up_port" "$sg_port" "$ng_port" "$admin_port" || {
   exit 1
 }
 
-wait_port() {
-  local i
-  for i in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "error: nothing listens on 127.0.0.1:$1 ($2); see $out/*.log" >&2
-  exit 1
-}
-
 # The fake upstream.
 "$load" upstream --listen "127.0.0.1:$up_port" 2>"$out/upstream.log" &
 up_pid=$!
