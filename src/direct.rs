@@ -43,10 +43,11 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Wraps a connection; hyper gets the returned [`SharedIo`].
-    pub fn new(tcp: TcpStream) -> (SharedIo, Arc<Socket>) {
+    /// Wraps a connection from which `first` was read already; hyper gets
+    /// the returned [`SharedIo`], which hands it `first` before the rest.
+    pub fn new(tcp: TcpStream, first: Bytes) -> (SharedIo, Arc<Socket>) {
         let socket = Arc::new(Socket { tcp, flushes: AtomicU64::new(0) });
-        (SharedIo { socket: socket.clone(), eof: false }, socket)
+        (SharedIo { socket: socket.clone(), first, eof: false }, socket)
     }
 
     fn flushes(&self) -> u64 {
@@ -62,6 +63,8 @@ pub struct ClientSocket(pub Arc<Socket>);
 /// hyper's side of a [`Socket`].
 pub struct SharedIo {
     socket: Arc<Socket>,
+    /// Bytes read before hyper took over, not yet handed to it.
+    first: Bytes,
     /// The client closed its side (a read found the end).
     eof: bool,
 }
@@ -69,6 +72,11 @@ pub struct SharedIo {
 impl AsyncRead for SharedIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.first.is_empty() {
+            let n = this.first.len().min(buf.remaining());
+            buf.put_slice(&this.first.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let tcp = &this.socket.tcp;
         loop {
             ready!(tcp.poll_read_ready(cx))?;

@@ -10,10 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -317,6 +319,10 @@ enum Proto {
 /// The largest request head hyper buffers.
 const MAX_BUF: usize = 64 * 1024;
 
+/// The first read from a plain-TCP client, before hyper reads: a browser's
+/// request head fits, a longer one's rest is read by hyper.
+const FIRST_READ: usize = 4096;
+
 struct Conn {
     peer: SocketAddr,
     side: Side,
@@ -448,7 +454,7 @@ impl Conn {
         }
     }
 
-    async fn serve(&self, stream: TcpStream) {
+    async fn serve(&self, mut stream: TcpStream) {
         let header_timeout = self.app.config.limits.header_timeout;
         let result = match &self.tls {
             // Boxed: a TLS connection's state (rustls, the handshake) is
@@ -459,20 +465,25 @@ impl Conn {
             },
             None => {
                 // hyper's header timeout starts once it reads; a client that
-                // connects and sends nothing is dropped here.
-                let mut first = [0u8; 3];
-                let peeked = tokio::select! {
-                    r = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => r,
+                // connects and sends nothing is dropped here. What this read
+                // finds (usually the whole request head) goes to hyper first,
+                // which saves the `recv` a peek would cost.
+                let mut first = BytesMut::with_capacity(FIRST_READ);
+                let read = tokio::select! {
+                    r = tokio::time::timeout(header_timeout, stream.read_buf(&mut first)) => r,
                     _ = self.stop.cancelled() => return,
                 };
-                // Only HTTP/2 with prior knowledge starts with "PRI".
-                let proto = match peeked {
-                    Ok(Ok(n)) if n > 0 && (first[0] != b'P' || (n == 3 && &first != b"PRI")) => Proto::Http1,
-                    Ok(Ok(n)) if n > 0 => Proto::Either,
-                    Ok(_) => return tracing::debug!("client closed before sending a request"),
+                match read {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(Ok(_)) => return tracing::debug!("client closed before sending a request"),
+                    Ok(Err(e)) => return tracing::debug!(error = %e, "reading the request failed"),
                     Err(_) => return tracing::debug!("no request within header_timeout"),
-                };
-                let (io, socket) = Socket::new(stream);
+                }
+                // Only HTTP/2 with prior knowledge starts with "PRI"; fewer
+                // than 3 bytes that could begin it leave it to hyper.
+                let start = &first[..first.len().min(3)];
+                let proto = if b"PRI".starts_with(start) { Proto::Either } else { Proto::Http1 };
+                let (io, socket) = Socket::new(stream, first.freeze());
                 let io = SendTimeout::new(io, self.app.config.limits.send_timeout);
                 self.drive(TokioIo::new(io), proto, Some(socket)).await
             }

@@ -78,6 +78,29 @@ async fn a_slow_head_within_the_timeout_is_served() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 }
 
+/// The proxy reads a plain connection's first bytes itself (up to 4 KiB)
+/// before hyper takes over: a head longer than that, sent in one write, is
+/// read whole, and two requests sent back to back are both answered.
+#[tokio::test]
+async fn a_head_longer_than_the_first_read_and_a_pipelined_request_are_served() {
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let cookie = "c".repeat(10_000);
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let heads = format!(
+        "GET /v1/a HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n\
+         GET /v1/b HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(heads.as_bytes()).await.unwrap();
+    let text = String::from_utf8(until_closed(&mut stream).await).unwrap();
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{text}");
+    let seen = upstream.seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].uri.path(), "/v1/a");
+    assert_eq!(seen[0].headers.get("cookie").map(|v| v.len()), Some(10_000));
+    assert_eq!(seen[1].uri.path(), "/v1/b");
+}
+
 #[tokio::test]
 async fn drain_lets_an_open_stream_finish() {
     let chunks: &[&[u8]] = &[b"one ", b"two ", b"three ", b"four ", b"five"];
@@ -176,8 +199,6 @@ async fn shutdown_with_nothing_open_returns_at_once() {
     drop(c);
 }
 
-/// Raises this process's open-files limit to its hard limit (the test opens
-/// more sockets than a default soft limit of 1,024 allows).
 /// `ssegate_worker_connections` for workers 1 and 2.
 async fn per_worker(proxy: &Proxy) -> (f64, f64) {
     let text = handoff_support::metrics_text(proxy.admin).await;
@@ -221,17 +242,10 @@ async fn connections_are_spread_evenly_over_the_workers() {
     per_worker_until(&proxy, "the connections to close", |a, b| a + b == 0.0).await;
 }
 
+/// Raises this process's open-files limit to its hard limit (the test opens
+/// more sockets than a default soft limit of 1,024 allows).
 fn raise_open_files() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit only read and write `lim`.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        }
-    }
-    lim.rlim_cur
+    ssegate::open_files::prepare(0).expect("getrlimit").limit
 }
 
 #[tokio::test]
