@@ -21,11 +21,21 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// classes, instead of one or two. A connection's 8 KiB buffers then mostly
 /// come from a slab already mapped, where each used to take and return a
 /// page run: 72.8 k → 67.7 k instructions to set up a stream (callgrind), the
-/// same RSS per idle stream. jemalloc is built unprefixed (Cargo.toml), so
-/// the symbol is plain `malloc_conf`, the name Debian's libjemalloc reads too
-/// (`tests/cli.rs` checks that it is read).
+/// same RSS per idle stream.
+///
+/// And one background thread of jemalloc's own that returns freed memory
+/// to the system (`background_thread`). Without it, the workers did that
+/// themselves, in the allocations of whichever requests came while the
+/// memory of many closed streams decayed: after 9,000 idle streams closed,
+/// the next scenario's streams waited 5 to 10 ms for their first event in 3
+/// of 5 runs (none of 5 with it; `benches/load/run.sh`, see the README).
+///
+/// jemalloc is built unprefixed (Cargo.toml), so the symbol is plain
+/// `malloc_conf`, the name Debian's libjemalloc reads too (`tests/cli.rs`
+/// checks that it is read).
 #[export_name = "malloc_conf"]
-static MALLOC_CONF: MallocConf = MallocConf(c"slab_sizes:4097-16384:8".as_ptr());
+static MALLOC_CONF: MallocConf =
+    MallocConf(c"slab_sizes:4097-16384:8,background_thread:true,max_background_threads:1".as_ptr());
 
 /// A C string pointer, as jemalloc reads `malloc_conf`.
 #[repr(transparent)]

@@ -355,10 +355,14 @@ async fn the_allocator_takes_the_binary_s_options() {
     assert!(out.status.success(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("global variable malloc_conf): \"slab_sizes:4097-16384:8\""),
+        stderr.contains(
+            "global variable malloc_conf): \"slab_sizes:4097-16384:8,background_thread:true,max_background_threads:1\""
+        ),
         "jemalloc did not read the binary's malloc_conf:\n{stderr}"
     );
-    assert!(stderr.contains("Set conf value: slab_sizes:4097-16384:8"), "{stderr}");
+    for option in ["slab_sizes:4097-16384:8", "background_thread:true", "max_background_threads:1"] {
+        assert!(stderr.contains(&format!("Set conf value: {option}")), "{option}: {stderr}");
+    }
 }
 
 /// Starts the binary on `path` with its open-files limits set to `soft` and
