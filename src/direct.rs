@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -45,7 +45,7 @@ pub struct Socket {
 impl Socket {
     /// Wraps a connection from which `first` was read already; hyper gets
     /// the returned [`SharedIo`], which hands it `first` before the rest.
-    pub fn new(tcp: TcpStream, first: Bytes) -> (SharedIo, Arc<Socket>) {
+    pub fn new(tcp: TcpStream, first: BytesMut) -> (SharedIo, Arc<Socket>) {
         let socket = Arc::new(Socket { tcp, flushes: AtomicU64::new(0) });
         (SharedIo { socket: socket.clone(), first, eof: false }, socket)
     }
@@ -64,7 +64,7 @@ pub struct ClientSocket(pub Arc<Socket>);
 pub struct SharedIo {
     socket: Arc<Socket>,
     /// Bytes read before hyper took over, not yet handed to it.
-    first: Bytes,
+    first: BytesMut,
     /// The client closed its side (a read found the end).
     eof: bool,
 }
@@ -74,7 +74,12 @@ impl AsyncRead for SharedIo {
         let this = self.get_mut();
         if !this.first.is_empty() {
             let n = this.first.len().min(buf.remaining());
-            buf.put_slice(&this.first.split_to(n));
+            buf.put_slice(&this.first[..n]);
+            this.first.advance(n);
+            if this.first.is_empty() {
+                // Handed over whole: let go of the buffer.
+                this.first = BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let tcp = &this.socket.tcp;

@@ -140,7 +140,8 @@ fn demo_config(listen: Option<std::net::SocketAddr>) -> Config {
 /// the `--listen` override), or None for the demo.
 fn serve(mut config: Config, reload_from: Option<(PathBuf, Option<std::net::SocketAddr>)>) -> ExitCode {
     let with_demo = reload_from.is_none();
-    // Before the runtime's threads start: see `open_files::prepare`.
+    // Before the runtime's threads start (only jemalloc's background thread
+    // runs yet): see `open_files::prepare`.
     #[cfg(unix)]
     match ssegate::open_files::prepare(config.limits.max_connections) {
         Ok(files) => {

@@ -53,7 +53,9 @@ impl OpenFiles {
 /// 2,000 streams). In a process with more than one thread, each growth
 /// waits for an RCU grace period, and every thread that opens a descriptor
 /// meanwhile (an accept, an upstream connect) waits with it. Call this
-/// before any thread starts, where growing is free. The table costs the
+/// before the runtime's threads start: growing then waits for one grace
+/// period at most (jemalloc's background thread already runs), with
+/// nothing else to hold up. The table costs the
 /// kernel 8 bytes per descriptor, rounded up to a power of two (256 KiB
 /// for the 20,064 that 10,000 connections need).
 pub fn prepare(max_connections: usize) -> std::io::Result<OpenFiles> {

@@ -323,6 +323,28 @@ const MAX_BUF: usize = 64 * 1024;
 /// request head fits, a longer one's rest is read by hyper.
 const FIRST_READ: usize = 4096;
 
+/// HTTP/2 with prior knowledge starts with this (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A plain-TCP client's first bytes: once the socket is readable (nothing
+/// is allocated for a client that sends nothing), one read of up to
+/// [`FIRST_READ`], and more while what came is a strict beginning of the
+/// HTTP/2 preface, which hyper-util would otherwise wait for with no
+/// timeout. `None` when the client closed first.
+async fn first_bytes(stream: &mut TcpStream) -> std::io::Result<Option<BytesMut>> {
+    stream.readable().await?;
+    let mut first = BytesMut::with_capacity(FIRST_READ);
+    loop {
+        if stream.read_buf(&mut first).await? == 0 {
+            return Ok(None);
+        }
+        let n = first.len().min(H2_PREFACE.len());
+        if first.len() >= H2_PREFACE.len() || first[..n] != H2_PREFACE[..n] {
+            return Ok(Some(first));
+        }
+    }
+}
+
 struct Conn {
     peer: SocketAddr,
     side: Side,
@@ -464,26 +486,25 @@ impl Conn {
                 None => return,
             },
             None => {
-                // hyper's header timeout starts once it reads; a client that
-                // connects and sends nothing is dropped here. What this read
-                // finds (usually the whole request head) goes to hyper first,
-                // which saves the `recv` a peek would cost.
-                let mut first = BytesMut::with_capacity(FIRST_READ);
-                let read = tokio::select! {
-                    r = tokio::time::timeout(header_timeout, stream.read_buf(&mut first)) => r,
+                // A client that connects and sends nothing, or only part of
+                // the HTTP/2 preface, is dropped here after header_timeout.
+                // hyper's own header timeout runs from its first poll, so a
+                // head whose first byte came just before this one ran out
+                // gets up to twice as long. What is read here (usually the
+                // whole request head) goes to hyper first, which saves the
+                // `recv` a peek would cost.
+                let first = tokio::select! {
+                    r = tokio::time::timeout(header_timeout, first_bytes(&mut stream)) => r,
                     _ = self.stop.cancelled() => return,
                 };
-                match read {
-                    Ok(Ok(n)) if n > 0 => {}
-                    Ok(Ok(_)) => return tracing::debug!("client closed before sending a request"),
+                let first = match first {
+                    Ok(Ok(Some(first))) => first,
+                    Ok(Ok(None)) => return tracing::debug!("client closed before sending a request"),
                     Ok(Err(e)) => return tracing::debug!(error = %e, "reading the request failed"),
                     Err(_) => return tracing::debug!("no request within header_timeout"),
-                }
-                // Only HTTP/2 with prior knowledge starts with "PRI"; fewer
-                // than 3 bytes that could begin it leave it to hyper.
-                let start = &first[..first.len().min(3)];
-                let proto = if b"PRI".starts_with(start) { Proto::Either } else { Proto::Http1 };
-                let (io, socket) = Socket::new(stream, first.freeze());
+                };
+                let proto = if first.starts_with(H2_PREFACE) { Proto::Either } else { Proto::Http1 };
+                let (io, socket) = Socket::new(stream, first);
                 let io = SendTimeout::new(io, self.app.config.limits.send_timeout);
                 self.drive(TokioIo::new(io), proto, Some(socket)).await
             }

@@ -454,6 +454,12 @@ async fn a_low_soft_open_files_limit_does_not_cap_the_streams() {
     assert_eq!(limits[0], limits[1], "the soft limit was not raised to the hard one: {limits:?}");
     // Two descriptors per connection for the default 10,000, or the limit.
     let fd_size = proc_numbers(pid, "status", "FDSize:")[0];
+    // jemalloc's background thread, one (`malloc_conf` in src/main.rs).
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap().trim().to_string())
+        .collect();
+    assert_eq!(threads.iter().filter(|t| *t == "jemalloc_bg_thd").count(), 1, "{threads:?}");
     let needed = ssegate::open_files::needed(10_000);
     assert!(fd_size >= limits[0].min(needed), "descriptor table of {fd_size} for a limit of {}", limits[0]);
     drop(open);

@@ -65,6 +65,27 @@ async fn a_client_that_sends_nothing_is_dropped() {
     assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_timeout");
 }
 
+/// HTTP/2 with prior knowledge starts with "PRI * HTTP/2.0": a client that
+/// sends part of that preface and stalls is dropped after header_timeout
+/// too (hyper-util waits for the rest with no timeout of its own).
+#[tokio::test]
+async fn a_client_that_stalls_in_the_http2_preface_is_dropped() {
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let mut config = support::config(upstream.addr);
+    config.limits.header_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(config).await;
+
+    for part in [&b"PRI"[..], b"PRI * HTTP/2.0\r\n"] {
+        let started = Instant::now();
+        let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+        stalled.write_all(part).await.unwrap();
+        let resp = client().get(proxy.url("/v1/x")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(until_closed(&mut stalled).await.is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_timeout");
+    }
+}
+
 #[tokio::test]
 async fn a_slow_head_within_the_timeout_is_served() {
     let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
