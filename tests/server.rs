@@ -27,12 +27,19 @@ async fn stopped(proxy: Proxy) {
     result.expect("run panicked").expect("run failed");
 }
 
-#[tokio::test]
-async fn a_half_sent_head_is_dropped_while_others_are_served() {
+/// A proxy with a 300 ms `header_timeout` in front of an upstream that
+/// answers "ok".
+async fn short_header_timeout() -> (Upstream, Proxy) {
     let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
     let mut config = support::config(upstream.addr);
     config.limits.header_timeout = Duration::from_millis(300);
     let proxy = Proxy::start(config).await;
+    (upstream, proxy)
+}
+
+#[tokio::test]
+async fn a_half_sent_head_is_dropped_while_others_are_served() {
+    let (upstream, proxy) = short_header_timeout().await;
 
     let started = Instant::now();
     let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
@@ -52,10 +59,7 @@ async fn a_half_sent_head_is_dropped_while_others_are_served() {
 
 #[tokio::test]
 async fn a_client_that_sends_nothing_is_dropped() {
-    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
-    let mut config = support::config(upstream.addr);
-    config.limits.header_timeout = Duration::from_millis(300);
-    let proxy = Proxy::start(config).await;
+    let (_upstream, proxy) = short_header_timeout().await;
 
     let started = Instant::now();
     let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
@@ -70,10 +74,7 @@ async fn a_client_that_sends_nothing_is_dropped() {
 /// too (hyper-util waits for the rest with no timeout of its own).
 #[tokio::test]
 async fn a_client_that_stalls_in_the_http2_preface_is_dropped() {
-    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
-    let mut config = support::config(upstream.addr);
-    config.limits.header_timeout = Duration::from_millis(300);
-    let proxy = Proxy::start(config).await;
+    let (_upstream, proxy) = short_header_timeout().await;
 
     for part in [&b"PRI"[..], b"PRI * HTTP/2.0\r\n"] {
         let started = Instant::now();
