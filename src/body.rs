@@ -129,12 +129,6 @@ impl Cut {
     }
 }
 
-/// A client that took nothing for `limits.send_timeout`: the error a stream
-/// ends with then (a [`ChannelBody`] that was cut, `crate::send_timeout`).
-#[derive(Debug, thiserror::Error)]
-#[error("the client took nothing for limits.send_timeout")]
-pub struct Stalled;
-
 impl Body for ChannelBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -142,7 +136,9 @@ impl Body for ChannelBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match std::task::ready!(self.rx.poll_recv(cx)) {
             Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
-            None if self.cut.0.load(std::sync::atomic::Ordering::Acquire) => Poll::Ready(Some(Err(Stalled.into()))),
+            None if self.cut.0.load(std::sync::atomic::Ordering::Acquire) => {
+                Poll::Ready(Some(Err(crate::send_timeout::Stalled.into())))
+            }
             None => Poll::Ready(None),
         }
     }

@@ -148,7 +148,7 @@ fn serve(mut config: Config, reload_from: Option<(PathBuf, Option<std::net::Sock
             if let Some(from) = files.raised_from {
                 tracing::debug!(from, to = files.limit, "raised the open-files limit");
             }
-            if let Some(warning) = files.warning(config.limits.max_connections) {
+            if let Some(warning) = files.warning() {
                 tracing::warn!("{warning}");
             }
         }

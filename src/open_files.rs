@@ -21,7 +21,8 @@ pub fn needed(max_connections: usize) -> u64 {
 pub struct OpenFiles {
     /// The soft limit in force afterwards.
     pub limit: u64,
-    /// What `max_connections` needs ([`needed`]).
+    /// `limits.max_connections`, and what it needs ([`needed`]).
+    pub max_connections: usize,
     pub needed: u64,
     /// The soft limit before, when it was raised.
     pub raised_from: Option<u64>,
@@ -29,14 +30,15 @@ pub struct OpenFiles {
 
 impl OpenFiles {
     /// A warning for the log when the limit is below what is needed.
-    pub fn warning(&self, max_connections: usize) -> Option<String> {
+    pub fn warning(&self) -> Option<String> {
         (self.limit < self.needed).then(|| {
             format!(
-                "the open-files limit is {}, below the {} that limits.max_connections = {max_connections} needs \
+                "the open-files limit is {}, below the {} that limits.max_connections = {} needs \
                  (two per proxied stream, and {HEADROOM} more): past about {} streams, new connections wait and \
                  upstream connects fail; raise it (LimitNOFILE= for systemd, ulimit -n in a shell)",
                 self.limit,
                 self.needed,
+                self.max_connections,
                 self.limit.saturating_sub(HEADROOM) / 2,
             )
         })
@@ -81,7 +83,7 @@ pub fn prepare(max_connections: usize) -> std::io::Result<OpenFiles> {
     }
     let limit = to_u64(lim.rlim_cur);
     presize_table(limit.min(needed));
-    Ok(OpenFiles { limit, needed, raised_from: (lim.rlim_cur > before).then(|| to_u64(before)) })
+    Ok(OpenFiles { limit, max_connections, needed, raised_from: (lim.rlim_cur > before).then(|| to_u64(before)) })
 }
 
 /// `rlim_t` is 32 bits on some targets, 64 on Linux's 64-bit ones.
@@ -122,10 +124,11 @@ mod tests {
 
     #[test]
     fn a_limit_below_two_per_connection_and_the_headroom_is_warned_about() {
-        let enough = OpenFiles { limit: 20_064, needed: needed(10_000), raised_from: Some(1_024) };
-        assert_eq!(enough.warning(10_000), None);
+        let enough =
+            OpenFiles { limit: 20_064, max_connections: 10_000, needed: needed(10_000), raised_from: Some(1_024) };
+        assert_eq!(enough.warning(), None);
         let short = OpenFiles { limit: 20_000, ..enough };
-        let warning = short.warning(10_000).expect("a warning");
+        let warning = short.warning().unwrap_or_default();
         assert!(
             warning.starts_with(
                 "the open-files limit is 20000, below the 20064 that limits.max_connections = 10000 needs"

@@ -18,6 +18,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// A client that took nothing for `limits.send_timeout`: the error a
+/// stream ends with then (from a [`Stall`], or a cut
+/// [`ChannelBody`](crate::body::ChannelBody)).
+#[derive(Debug, thiserror::Error)]
+#[error("the client took nothing for limits.send_timeout")]
+pub struct Stalled;
+
 /// The clock of one connection's blocked writes.
 pub struct Stall {
     timeout: Duration,
@@ -49,7 +56,7 @@ impl Stall {
         }
         let ran_out = self.timer.as_mut().is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
         if ran_out {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, crate::body::Stalled));
+            return Err(io::Error::new(io::ErrorKind::TimedOut, Stalled));
         }
         Ok(())
     }

@@ -198,7 +198,7 @@ fn spawn_stream(
         if let Poll::Ready(Err(e)) = &result {
             // This clock's error, not any `TimedOut` (the kernel's own, for
             // a client whose retransmissions ran out, is `client_gone`).
-            if e.get_ref().is_some_and(|inner| inner.is::<crate::body::Stalled>()) {
+            if e.get_ref().is_some_and(|inner| inner.is::<crate::send_timeout::Stalled>()) {
                 events.stats.outcome = "send_timeout";
             }
         }

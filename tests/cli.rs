@@ -9,7 +9,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{body_text, client, parse_sse, End, Reply, Upstream};
+use support::{body_text, client, line_matching, listening_addr, parse_sse, End, Reply, Upstream};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -217,25 +217,6 @@ async fn a_corrupt_certificate_is_named_as_the_problem() {
     assert_fails_with(&out, "`server.tls.cert`");
 }
 
-/// Reads `stream` line by line until `pred` matches one, failing after 20 s.
-async fn line_matching<R: tokio::io::AsyncRead + Unpin>(
-    lines: &mut tokio::io::Lines<BufReader<R>>,
-    seen: &mut Vec<String>,
-    pred: impl Fn(&str) -> bool,
-) -> String {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            seen.push(line.clone());
-            if pred(&line) {
-                return line;
-            }
-        }
-        panic!("output ended without the line; got:\n{}", seen.join("\n"))
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no such line within 20 s; got:\n{}", seen.join("\n")))
-}
-
 fn sigterm(child: &Child) {
     let pid = child.id().expect("already exited").to_string();
     let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -244,12 +225,6 @@ fn sigterm(child: &Child) {
 
 async fn exit_code(child: &mut Child) -> Option<i32> {
     tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("did not exit").unwrap().code()
-}
-
-/// The address in the "ssegate listening" JSON log line.
-fn listening_addr(line: &str) -> SocketAddr {
-    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-    v["fields"]["listen"].as_str().unwrap_or_else(|| panic!("no listen field: {line}")).parse().unwrap()
 }
 
 #[tokio::test]

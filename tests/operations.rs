@@ -82,17 +82,11 @@ async fn log_format_json_writes_json_lines() {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     // Every line is JSON; the listening one comes after any warnings (an
     // open-files limit below what `max_connections` needs).
-    let (line, v) = loop {
-        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-            .await
-            .expect("no log line")
-            .unwrap()
-            .expect("stderr closed");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        if v["level"] != "WARN" {
-            break (line, v);
-        }
-    };
+    let mut seen = Vec::new();
+    let json =
+        |line: &str| -> serde_json::Value { serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")) };
+    let line = support::line_matching(&mut lines, &mut seen, |l| json(l)["level"] != "WARN").await;
+    let v = json(&line);
     assert_eq!(v["level"], "INFO", "{line}");
     assert_eq!(v["fields"]["message"], "ssegate listening", "{line}");
     assert!(v["fields"]["listen"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{line}");
@@ -126,12 +120,9 @@ async fn one_json_log_line_per_finished_stream_with_its_figures() {
     let next_json = |line: String| -> serde_json::Value {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
     };
-    let listen = loop {
-        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap().unwrap();
-        if let Some(listen) = next_json(line)["fields"]["listen"].as_str() {
-            break listen.to_string();
-        }
-    };
+    let mut seen = Vec::new();
+    let listening = support::line_matching(&mut lines, &mut seen, |l| l.contains("ssegate listening")).await;
+    let listen = support::listening_addr(&listening);
 
     let resp =
         client().get(format!("http://{listen}/v1/chat")).header("accept", "text/event-stream").send().await.unwrap();

@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::CertificateDer;
 use ssegate::body::{ChannelBody, ResponseBody};
 use ssegate::config::{AuthConfig, Config, Secret, TlsConfig};
-use support::{body_text, client, parse_sse, route, Ev, ManualUpstream, ReloadProxy};
+use support::{body_text, client, line_matching, parse_sse, route, Ev, ManualUpstream, ReloadProxy};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -446,25 +446,6 @@ async fn a_new_certificate_is_served_to_new_connections_while_old_ones_finish() 
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_ssegate");
-
-/// Reads JSON log lines until one matches, failing after 20 s.
-async fn line_matching(
-    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
-    seen: &mut Vec<String>,
-    pred: impl Fn(&str) -> bool,
-) -> String {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            seen.push(line.clone());
-            if pred(&line) {
-                return line;
-            }
-        }
-        panic!("the log ended without the line; got:\n{}", seen.join("\n"))
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no such line within 20 s; got:\n{}", seen.join("\n")))
-}
 
 fn signal(child: &tokio::process::Child, name: &str) {
     let pid = child.id().expect("already exited").to_string();

@@ -28,6 +28,12 @@ ports_free() {
   done
 }
 
+# find_nginx: sets nginx_bin to Debian's nginx, or to "" when it is missing.
+find_nginx() {
+  nginx_bin=$(command -v nginx || true)
+  [ -n "$nginx_bin" ] || [ ! -x /usr/sbin/nginx ] || nginx_bin=/usr/sbin/nginx
+}
+
 # wait_port PORT WHAT: waits (10 s at most) until something listens on
 # 127.0.0.1:PORT, else exits naming WHAT and the logs in $out.
 wait_port() {

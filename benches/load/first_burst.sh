@@ -24,12 +24,8 @@ rounds=${ROUNDS:-5}
 out=$root/target/load/first_burst
 mkdir -p "$out"
 ulimit -n "$(ulimit -Hn)"
-nginx_bin=$(command -v nginx || true)
-[ -n "$nginx_bin" ] || [ ! -x /usr/sbin/nginx ] || nginx_bin=/usr/sbin/nginx
-if [ -z "$nginx_bin" ]; then
-  apt_install nginx
-  nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
-fi
+find_nginx
+[ -n "$nginx_bin" ] || { apt_install nginx && find_nginx; }
 if [ -n "${BASE_BIN:-}" ] && [ ! -x "$BASE_BIN" ]; then
   echo "error: BASE_BIN=$BASE_BIN is not an executable" >&2
   exit 1
@@ -85,7 +81,8 @@ for t in "${targets[@]}"; do
     n=$(median nginx "$f")
     row+=("$(awk -v v="$v" -v n="$n" 'BEGIN {if (v == "n/a") print v; else if (n == "n/a" || n == 0) printf "%.1f", v; else printf "%.1f (%.2f)", v, v / n}')")
   done
-  errors=$(grep "\"target\":\"$name\"" "$results" | grep -o '"errors":[0-9]*' | cut -d: -f2 | awk '{s += $1} END {print s + 0}')
+  errors=$({ grep "\"target\":\"$name\"" "$results" || true; } | { grep -o '"errors":[0-9]*' || true; } |
+    cut -d: -f2 | awk '{s += $1} END {print s + 0}')
   printf '%-8s %22s %14s %14s %7s\n' "$name" "${row[@]}" "$errors"
 done
 echo "(the ratio to nginx in brackets; raw results: ${results#"$root"/})"

@@ -139,7 +139,8 @@ fn main() {
 /// while threads run, each step waits for an RCU grace period and holds up
 /// every thread that opens a socket meanwhile: a delay in the middle of a
 /// burst of connects that is the harness's own (ssegate sizes its table at
-/// start the same way, `src/open_files.rs`).
+/// start the same way, `src/open_files.rs`; a copy, as this package does
+/// not depend on ssegate's, so that the harness builds without it).
 fn presize_fd_table() {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

@@ -48,13 +48,12 @@ ulimit -n "$(ulimit -Hn)"
 # vendored one instead.
 jemalloc_a=/usr/lib/$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)/libjemalloc_pic.a
 missing=()
-nginx_bin=$(command -v nginx || true)
-[ -n "$nginx_bin" ] || [ ! -x /usr/sbin/nginx ] || nginx_bin=/usr/sbin/nginx
+find_nginx
 [ -n "$nginx_bin" ] || missing+=(nginx)
 [ -n "${LOAD_VENDORED_JEMALLOC:-}" ] || [ -e "$jemalloc_a" ] || missing+=(libjemalloc-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
-  nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
+  find_nginx
 fi
 
 # Its own target directory: the jemalloc choice is part of the build, and a

@@ -757,3 +757,29 @@ impl BinaryProxy {
         status.code()
     }
 }
+
+/// Reads `lines` (a child's log) into `seen` until one matches `pred`,
+/// failing after 20 s or at the end of the output.
+pub async fn line_matching<R: tokio::io::AsyncRead + Unpin>(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<R>>,
+    seen: &mut Vec<String>,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            seen.push(line.clone());
+            if pred(&line) {
+                return line;
+            }
+        }
+        panic!("output ended without the line; got:\n{}", seen.join("\n"))
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no such line within 20 s; got:\n{}", seen.join("\n")))
+}
+
+/// The address in the "ssegate listening" JSON log line.
+pub fn listening_addr(line: &str) -> SocketAddr {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    v["fields"]["listen"].as_str().unwrap_or_else(|| panic!("no listen field: {line}")).parse().unwrap()
+}
