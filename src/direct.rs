@@ -2,8 +2,9 @@
 //! itself, not through hyper's write buffer.
 //!
 //! hyper still reads the requests, writes each response head and the
-//! chunked body's last chunk, and watches the socket for the client
-//! leaving. In between, the stream runs in a task of its own
+//! chunked body's last chunk (with the stream's last frame when the
+//! upstream ended in the same read, so that both go in one packet), and
+//! watches the socket for the client leaving. In between, the stream runs in a task of its own
 //! (`crate::stream`), which the upstream socket wakes, and each event costs
 //! one `writev` of the chunk's size line, the event and its CRLF, with no
 //! poll of hyper's dispatcher, its chunk encoder and its queue of buffers

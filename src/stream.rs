@@ -137,7 +137,7 @@ pub struct EventStream {
     events: Option<Events>,
     direct: Option<Direct>,
     /// The task writing the stream, once hyper's buffer was empty.
-    pump: Option<AbortOnDropHandle<std::io::Result<()>>>,
+    pump: Option<AbortOnDropHandle<std::io::Result<Option<Bytes>>>>,
 }
 
 impl Body for EventStream {
@@ -176,7 +176,8 @@ impl Body for EventStream {
         // in a task of its own that the upstream wakes, so an event costs no
         // poll of hyper's connection. hyper still watches the socket for the
         // client leaving (dropping this body aborts the task), and writes the
-        // last chunk once the task is done.
+        // last chunk once the task is done, with the stream's last frame when
+        // that came with the upstream's end.
         if let (Some(events), Some(mut direct)) = (this.events.take(), this.direct.take()) {
             this.pump = Some(spawn_stream(events, move |events, cx| pump(events, &mut direct, cx)));
         }
@@ -185,13 +186,14 @@ impl Body for EventStream {
 }
 
 /// Runs a stream in a task of its own (`pump` or `relay` as `step`), which
-/// the upstream wakes, until it is over; dropping the handle aborts it. A
-/// stream the client took nothing of for `limits.send_timeout` (the `Stall`
-/// clock's error) ends as `send_timeout`.
+/// the upstream wakes, until it is over; dropping the handle aborts it. It
+/// ends with the frame left for hyper to send, if any. A stream the client
+/// took nothing of for `limits.send_timeout` (the `Stall` clock's error)
+/// ends as `send_timeout`.
 fn spawn_stream(
     mut events: Events,
-    mut step: impl FnMut(&mut Events, &mut Context<'_>) -> Poll<std::io::Result<()>> + Send + 'static,
-) -> AbortOnDropHandle<std::io::Result<()>> {
+    mut step: impl FnMut(&mut Events, &mut Context<'_>) -> Poll<std::io::Result<Option<Bytes>>> + Send + 'static,
+) -> AbortOnDropHandle<std::io::Result<Option<Bytes>>> {
     events.source_gate = None;
     let task = std::future::poll_fn(move |cx| {
         let result = step(&mut events, cx);
@@ -207,18 +209,23 @@ fn spawn_stream(
     AbortOnDropHandle::new(tokio::spawn(tracing::Instrument::in_current_span(task)))
 }
 
-/// A stream task's end as the body's last frame: none, or its error.
-fn task_end(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> Option<Result<Frame<Bytes>, BoxError>> {
+/// A stream task's end as the body's next frame: the frame it left, none,
+/// or its error.
+fn task_end(
+    result: Result<std::io::Result<Option<Bytes>>, tokio::task::JoinError>,
+) -> Option<Result<Frame<Bytes>, BoxError>> {
     match result {
-        Ok(Ok(())) => None,
+        Ok(Ok(last)) => last.map(|frame| Ok(Frame::data(frame))),
         Ok(Err(e)) => Some(Err(e.into())),
         Err(e) => Some(Err(e.into())),
     }
 }
 
 /// Writes the stream's events to the client until it is over; `Ok` once
-/// all of it is out.
-fn pump(events: &mut Events, direct: &mut Direct, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+/// all of it is out but the last frame, when that came with the upstream's
+/// end: hyper sends it and the body's last chunk in one write, so the client
+/// gets the end with the last event (one packet, not two).
+fn pump(events: &mut Events, direct: &mut Direct, cx: &mut Context<'_>) -> Poll<std::io::Result<Option<Bytes>>> {
     loop {
         // What the stream wrote goes out before anything else.
         ready!(direct.poll_flush(cx))?;
@@ -235,10 +242,12 @@ fn pump(events: &mut Events, direct: &mut Direct, cx: &mut Context<'_>) -> Poll<
                 }
                 return Poll::Pending;
             }
-            Poll::Ready(None) if events.out.is_empty() => return Poll::Ready(Ok(())),
+            Poll::Ready(None) if events.out.is_empty() => return Poll::Ready(Ok(None)),
+            // Everything before it is out (flushed above).
+            Poll::Ready(None) => return Poll::Ready(Ok(Some(events.take_frame()))),
             Poll::Ready(Some(Next::Static(frame))) if events.out.is_empty() => direct.send_bytes(frame)?,
-            Poll::Ready(next) => {
-                if let Some(Next::Static(frame)) = next {
+            Poll::Ready(Some(next)) => {
+                if let Next::Static(frame) = next {
                     events.out.extend_from_slice(&frame);
                 }
                 events.write_out(direct)?
@@ -260,7 +269,7 @@ const RELAY_FRAMES: usize = 4;
 /// write does on HTTP/1.1.
 struct Relay {
     frames: tokio::sync::mpsc::Receiver<Bytes>,
-    task: Option<AbortOnDropHandle<std::io::Result<()>>>,
+    task: Option<AbortOnDropHandle<std::io::Result<Option<Bytes>>>>,
 }
 
 impl Relay {
@@ -268,7 +277,7 @@ impl Relay {
         let (tx, frames) = tokio::sync::mpsc::channel(RELAY_FRAMES);
         let mut tx = tokio_util::sync::PollSender::new(tx);
         let mut stall = crate::send_timeout::Stall::new(send_timeout);
-        let task = spawn_stream(events, move |events, cx| relay(events, &mut tx, &mut stall, cx));
+        let task = spawn_stream(events, move |events, cx| relay(events, &mut tx, &mut stall, cx).map_ok(|()| None));
         Relay { frames, task: Some(task) }
     }
 }

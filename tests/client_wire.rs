@@ -2,7 +2,8 @@
 //! byte: the proxy writes these streams' chunks to the socket itself
 //! (src/direct.rs), around hyper, which still writes the head and the last
 //! chunk. The chunk framing must be exact, the connection must serve the
-//! next request after a stream, a client reading slowly and a burst of
+//! next request after a stream, a stream's end must come in the packet of
+//! its last event when the upstream ended with it, a client reading slowly and a burst of
 //! upstream chunks must get every byte in order, a client leaving, or
 //! taking nothing for `limits.send_timeout`, must close the upstream
 //! response, an HTTP/1.0 upstream's
@@ -294,4 +295,62 @@ async fn an_http_1_0_upstreams_stream_reaches_an_http_1_1_client_chunked() {
     drop(upstream);
     let (body, _) = strict_dechunk(&read_chunked_body(&mut s, rest).await);
     assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), vec![ev("1", "one"), ev("2", "two")]);
+}
+
+/// Data segments the client's socket has received (`TCP_INFO`).
+fn data_segments_in(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `tcp_info` is plain data, and the kernel writes at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_data_segs_in
+}
+
+/// A chunk of a chunked body.
+fn chunk(data: &str) -> String {
+    format!("{:x}\r\n{data}\r\n", data.len())
+}
+
+#[tokio::test]
+async fn a_streams_end_reaches_the_client_with_its_last_event_in_one_packet() {
+    // An SSE upstream's last event, and a JSON-lines upstream's last line
+    // with the `end` event the proxy adds: each arrives in one upstream
+    // write with the response's end.
+    for (content_type, first, last, want_last) in [
+        ("text/event-stream", "data: one\n\n", "data: two\n\n", "id: 2\ndata: two\n\n"),
+        ("application/x-ndjson", "{\"n\":1}\n", "{\"n\":2}\n", "event: end\n"),
+    ] {
+        let mut up = RawUpstream::start().await;
+        let proxy = Proxy::start(config(up.addr)).await;
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&request("GET", "/v1/stream", "1.1")).await.unwrap();
+        let mut upstream = up.accept().await;
+        read_head(&mut upstream).await;
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n");
+        upstream.write_all(format!("{head}{}", chunk(first)).as_bytes()).await.unwrap();
+        let (head, mut rest) = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{content_type}: {head}");
+        read_until(&mut s, &mut rest, b"\n\n\r\n").await;
+        let before = data_segments_in(&s);
+        upstream.write_all(format!("{}0\r\n\r\n", chunk(last)).as_bytes()).await.unwrap();
+        let raw = read_chunked_body(&mut s, rest).await;
+        let (body, _) = strict_dechunk(&raw);
+        let body = String::from_utf8(body).unwrap();
+        assert!(body.contains(want_last), "{content_type}: {body:?}");
+        assert_eq!(
+            data_segments_in(&s) - before,
+            1,
+            "{content_type}: the last event and the end of the body came in more than one packet: {body:?}"
+        );
+    }
 }
