@@ -345,6 +345,68 @@ async fn first_bytes(stream: &mut TcpStream) -> std::io::Result<Option<BytesMut>
     }
 }
 
+/// The next tick of `check`; never without one.
+async fn tick(check: &mut Option<tokio::time::Interval>) {
+    match check {
+        Some(check) => {
+            check.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection's requests: how many came, and how many are open (their
+/// responses, bodies included, not over yet; counted where [`Conn::drive`]
+/// watches for an idle connection).
+#[derive(Default)]
+struct Activity {
+    requests: AtomicUsize,
+    open: AtomicUsize,
+}
+
+/// One open request of an [`Activity`], until its response body is dropped
+/// (sent, reset by the client, or the connection gone).
+struct OpenRequest(Arc<Activity>);
+
+impl OpenRequest {
+    fn new(activity: &Arc<Activity>) -> OpenRequest {
+        activity.open.fetch_add(1, Ordering::Relaxed);
+        OpenRequest(activity.clone())
+    }
+}
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds its request's [`OpenRequest`], if counted.
+struct Tracked {
+    body: crate::body::ResponseBody,
+    _open: Option<OpenRequest>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 struct Conn {
     peer: SocketAddr,
     side: Side,
@@ -365,6 +427,13 @@ impl Conn {
     /// connection that sent only a byte) is closed 100 ms after the signal,
     /// as hyper would wait for its head.
     ///
+    /// A connection that may speak HTTP/2 is also shut down once it has had
+    /// no request open (response bodies included) for `limits.header_timeout`
+    /// (checked every `header_timeout`, so after up to twice that): hyper
+    /// times only HTTP/1.1's wait for the next request head, and an HTTP/2
+    /// client that answers pings would otherwise hold its connection, and
+    /// one of `limits.max_connections`, for good.
+    ///
     /// `socket` is the client's plain-TCP socket, which HTTP/1.1 event
     /// streams write their chunks to (`crate::direct`).
     async fn drive<I>(&self, io: I, proto: Proto, socket: Option<Arc<Socket>>) -> Result<(), BoxError>
@@ -374,8 +443,10 @@ impl Conn {
         let info = ConnInfo { peer: self.peer, tls: self.tls.is_some() };
         let current = self.current.clone();
         let side = self.side;
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counted = requests.clone();
+        let activity = Arc::new(Activity::default());
+        let counted = activity.clone();
+        // Only a connection whose idle time this proxy watches counts its open requests.
+        let watch_idle = matches!(proto, Proto::Either);
         let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let app = current.borrow().clone();
             // hyper sends these responses' bodies chunked (see `crate::direct`).
@@ -384,14 +455,16 @@ impl Conn {
                     req.extensions_mut().insert(ClientSocket(socket.clone()));
                 }
             }
-            counted.fetch_add(1, Ordering::Relaxed);
+            counted.requests.fetch_add(1, Ordering::Relaxed);
+            let open = watch_idle.then(|| OpenRequest::new(&counted));
             // Boxed: hyper keeps the slot for the request future for as long
             // as the connection lives; a stream is idle in it for minutes.
             Box::pin(async move {
-                Ok::<_, Infallible>(match side {
+                let resp = match side {
                     Side::Public => router::handle(app, req, info).await,
                     Side::Admin => admin::handle(&app, req).await,
-                })
+                };
+                Ok::<_, Infallible>(resp.map(|body| Tracked { body, _open: open }))
             })
         });
         match proto {
@@ -403,7 +476,7 @@ impl Conn {
                     .max_header_size(MAX_BUF);
                 let conn = h1.serve_connection(io, svc);
                 tokio::pin!(conn);
-                self.until_done(conn, |c| c.graceful_shutdown(), &requests).await
+                self.until_done(conn, |c| c.graceful_shutdown(), &activity, false).await
             }
             Proto::Either => {
                 // Boxed: the auto builder's connection is sized for HTTP/2,
@@ -411,18 +484,20 @@ impl Conn {
                 // Built here, not per connection: most connections are HTTP/1.1.
                 let auto = builder(&self.app);
                 let mut conn = Box::pin(auto.serve_connection(io, svc));
-                self.until_done(conn.as_mut(), |c| c.graceful_shutdown(), &requests).await
+                self.until_done(conn.as_mut(), |c| c.graceful_shutdown(), &activity, true).await
             }
         }
     }
 
-    /// Runs `conn` until it is done; on the stop signal, `shutdown` starts
-    /// its graceful shutdown (see [`Conn::drive`]).
+    /// Runs `conn` until it is done; on the stop signal, or when
+    /// `watch_idle` and it has been idle too long, `shutdown` starts its
+    /// graceful shutdown (see [`Conn::drive`]).
     async fn until_done<F, E>(
         &self,
         mut conn: Pin<&mut F>,
         shutdown: impl FnOnce(Pin<&mut F>),
-        requests: &AtomicUsize,
+        activity: &Activity,
+        watch_idle: bool,
     ) -> Result<(), BoxError>
     where
         F: Future<Output = Result<(), E>>,
@@ -430,15 +505,43 @@ impl Conn {
     {
         // Polled only when the signal fires, not on every wake of the connection.
         let mut stop = OnWake::new(self.stop.clone().cancelled_owned());
-        tokio::select! {
-            biased;
-            r = conn.as_mut() => return r.map_err(Into::into),
-            _ = &mut stop => {}
+        let period = self.app.config.limits.header_timeout;
+        let mut check = watch_idle.then(|| {
+            let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            check
+        });
+        // The request count at the last check, when none was open then.
+        let mut idle_since: Option<usize> = None;
+        loop {
+            tokio::select! {
+                biased;
+                r = conn.as_mut() => return r.map_err(Into::into),
+                _ = &mut stop => break,
+                _ = tick(&mut check), if watch_idle => {
+                    let requests = activity.requests.load(Ordering::Relaxed);
+                    if activity.open.load(Ordering::Relaxed) > 0 {
+                        idle_since = None;
+                    } else if idle_since == Some(requests) {
+                        // Nothing open at two checks and nothing came in
+                        // between: idle for a whole period at least.
+                        shutdown(conn.as_mut());
+                        // HTTP/2's goodbye waits for the client's answer to
+                        // a ping; one that does not answer is not waited for.
+                        return match tokio::time::timeout(period, conn.as_mut()).await {
+                            Ok(r) => r.map_err(Into::into),
+                            Err(_) => Ok(()),
+                        };
+                    } else {
+                        idle_since = Some(requests);
+                    }
+                }
+            }
         }
         shutdown(conn.as_mut());
         let abandon = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if requests.load(Ordering::Relaxed) > 0 {
+            if activity.requests.load(Ordering::Relaxed) > 0 {
                 std::future::pending::<()>().await;
             }
         };

@@ -1,4 +1,5 @@
-//! The listener: the header timeout against stalled sockets, and the drain
+//! The listener: the header timeout against stalled sockets (and idle HTTP/2
+//! connections), and the drain
 //! on shutdown.
 
 #[path = "support/handoff.rs"]
@@ -85,6 +86,57 @@ async fn a_client_that_stalls_in_the_http2_preface_is_dropped() {
         assert!(until_closed(&mut stalled).await.is_empty());
         assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_timeout");
     }
+}
+
+/// A client that sends the whole HTTP/2 preface and its settings, and
+/// then nothing (not even an answer to a ping), is dropped too: a
+/// connection with no request open is shut down after one to two
+/// `header_timeout`s, and its goodbye not waited for longer than one more.
+#[tokio::test]
+async fn a_client_that_sends_the_http2_preface_and_nothing_more_is_dropped() {
+    let (_upstream, proxy) = short_header_timeout().await;
+    let started = Instant::now();
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    // The preface, then an empty SETTINGS frame.
+    stalled.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+    let resp = client().get(proxy.url("/v1/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    until_closed(&mut stalled).await;
+    assert!(started.elapsed() >= Duration::from_millis(290), "closed before header_timeout");
+}
+
+/// An HTTP/2 client (which answers pings) keeps its connection while a
+/// stream runs, however long, and loses it once it has had no request open
+/// for `header_timeout`, as an idle HTTP/1.1 connection does.
+#[tokio::test]
+async fn an_http2_connection_is_kept_while_a_stream_runs_and_closed_once_idle() {
+    use http_body_util::BodyExt;
+    let event: &[u8] = b"data: tick\n\n";
+    // 12 events 100 ms apart: 1.2 s, four header_timeouts.
+    let upstream =
+        Upstream::start(move |_| Reply::chunks("text/event-stream", &[event; 12]).paced(Duration::from_millis(100)))
+            .await;
+    let mut config = support::config(upstream.addr);
+    config.limits.header_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(config).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = http::Request::get(format!("http://{}/v1/slow", proxy.addr))
+        .header("accept", "text/event-stream")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(get).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.expect("the stream was cut").to_bytes();
+    let events = parse_sse(std::str::from_utf8(&body).unwrap());
+    assert_eq!(events.len(), 12, "{events:?}");
+    let ended = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), conn).await.expect("the idle connection was kept").unwrap().ok();
+    assert!(ended.elapsed() >= Duration::from_millis(290), "closed before header_timeout: {:?}", ended.elapsed());
 }
 
 #[tokio::test]
