@@ -87,12 +87,13 @@ pub async fn forward(
             None => app.client_slot(&client).await?,
         };
         use crate::stream::Writer;
+        let stalled = || parts.extensions.get::<crate::send_timeout::StallFlag>().cloned();
         let writer = if parts.version == http::Version::HTTP_2 {
-            Writer::Relay
+            Writer::Relay(stalled())
         } else if let Some(client) = parts.extensions.get::<crate::direct::ClientSocket>() {
             Writer::Direct(client.clone())
         } else {
-            Writer::Hyper
+            Writer::Hyper(stalled())
         };
         return Ok(crate::stream::direct_response(app, route, head, body, started, (slot, client_slot), writer));
     }

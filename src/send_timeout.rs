@@ -12,6 +12,8 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,11 +33,13 @@ pub struct Stall {
     timer: Option<Pin<Box<Sleep>>>,
     /// Whether `timer` runs for the current blockage.
     armed: bool,
+    /// Set when the clock runs out (a connection's, for its streams).
+    flag: Option<StallFlag>,
 }
 
 impl Stall {
     pub fn new(timeout: Duration) -> Stall {
-        Stall { timeout, timer: None, armed: false }
+        Stall { timeout, timer: None, armed: false, flag: None }
     }
 
     /// Bytes went out: the clock stops.
@@ -56,6 +60,9 @@ impl Stall {
         }
         let ran_out = self.timer.as_mut().is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
         if ran_out {
+            if let Some(flag) = &self.flag {
+                flag.0.store(true, Ordering::Relaxed);
+            }
             return Err(io::Error::new(io::ErrorKind::TimedOut, Stalled));
         }
         Ok(())
@@ -91,6 +98,17 @@ impl Stall {
     }
 }
 
+/// Whether a connection was given up for a blocked write: its streams,
+/// which hyper drops with it, end as `send_timeout`, not `client_gone`.
+#[derive(Clone, Default)]
+pub struct StallFlag(Arc<AtomicBool>);
+
+impl StallFlag {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// A connection's I/O with the send timeout on its writes (hyper's side).
 pub struct SendTimeout<T> {
     io: T,
@@ -98,8 +116,9 @@ pub struct SendTimeout<T> {
 }
 
 impl<T> SendTimeout<T> {
-    pub fn new(io: T, timeout: Duration) -> SendTimeout<T> {
-        SendTimeout { io, stall: Stall::new(timeout) }
+    /// `flag` is set when the clock runs out.
+    pub fn new(io: T, timeout: Duration, flag: StallFlag) -> SendTimeout<T> {
+        SendTimeout { io, stall: Stall { flag: Some(flag), ..Stall::new(timeout) } }
     }
 }
 

@@ -27,7 +27,7 @@ use crate::body::BoxError;
 use crate::direct::{ClientSocket, Socket};
 use crate::metrics::WorkerLabel;
 use crate::proxy::ConnInfo;
-use crate::send_timeout::SendTimeout;
+use crate::send_timeout::{SendTimeout, StallFlag};
 use crate::wake::OnWake;
 use crate::{admin, router, App};
 
@@ -435,8 +435,16 @@ impl Conn {
     /// one of `limits.max_connections`, for good.
     ///
     /// `socket` is the client's plain-TCP socket, which HTTP/1.1 event
-    /// streams write their chunks to (`crate::direct`).
-    async fn drive<I>(&self, io: I, proto: Proto, socket: Option<Arc<Socket>>) -> Result<(), BoxError>
+    /// streams write their chunks to (`crate::direct`); the requests whose
+    /// responses hyper writes get `stalled`, which the connection's send
+    /// timeout sets.
+    async fn drive<I>(
+        &self,
+        io: I,
+        proto: Proto,
+        socket: Option<Arc<Socket>>,
+        stalled: StallFlag,
+    ) -> Result<(), BoxError>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -450,9 +458,12 @@ impl Conn {
         let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let app = current.borrow().clone();
             // hyper sends these responses' bodies chunked (see `crate::direct`).
-            if let Some(socket) = &socket {
-                if req.version() == http::Version::HTTP_11 && req.method() != http::Method::HEAD {
+            match &socket {
+                Some(socket) if req.version() == http::Version::HTTP_11 && req.method() != http::Method::HEAD => {
                     req.extensions_mut().insert(ClientSocket(socket.clone()));
+                }
+                _ => {
+                    req.extensions_mut().insert(stalled.clone());
                 }
             }
             counted.requests.fetch_add(1, Ordering::Relaxed);
@@ -565,8 +576,9 @@ impl Conn {
                     Some(b"http/1.1") => Proto::Http1,
                     _ => Proto::Either,
                 };
-                let io = SendTimeout::new(tls, self.app.config.limits.send_timeout);
-                Some(self.drive(TokioIo::new(io), proto, None).await)
+                let stalled = StallFlag::default();
+                let io = SendTimeout::new(tls, self.app.config.limits.send_timeout, stalled.clone());
+                Some(self.drive(TokioIo::new(io), proto, None, stalled).await)
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
@@ -608,8 +620,9 @@ impl Conn {
                 };
                 let proto = if first.starts_with(H2_PREFACE) { Proto::Either } else { Proto::Http1 };
                 let (io, socket) = Socket::new(stream, first);
-                let io = SendTimeout::new(io, self.app.config.limits.send_timeout);
-                self.drive(TokioIo::new(io), proto, Some(socket)).await
+                let stalled = StallFlag::default();
+                let io = SendTimeout::new(io, self.app.config.limits.send_timeout, stalled.clone());
+                self.drive(TokioIo::new(io), proto, Some(socket), stalled).await
             }
         };
         if let Err(e) = result {

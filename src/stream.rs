@@ -24,6 +24,7 @@ use crate::error::json_error;
 use crate::metrics::{Metrics, OutcomeLabels, RouteMeters};
 use crate::reframe::{Reframer, Wire};
 use crate::router::Route;
+use crate::send_timeout::StallFlag;
 use crate::sse::KEEPALIVE;
 use crate::wake::{Gate, OnWake};
 use crate::App;
@@ -77,7 +78,7 @@ pub fn direct_response(
     head.version = http::Version::HTTP_11;
     let cfg = &app.config;
     let send_timeout = cfg.limits.send_timeout;
-    let events = Events {
+    let mut events = Events {
         source,
         source_gate: Some(Gate::default()),
         reframer: Reframer::new(wire, cfg.limits.max_event_bytes as usize),
@@ -99,8 +100,14 @@ pub fn direct_response(
     };
     let direct = match writer {
         Writer::Direct(client) => Some(Direct::new(client, send_timeout)),
-        Writer::Hyper => None,
-        Writer::Relay => return Response::from_parts(head, Relay::start(events, send_timeout).boxed_unsync()),
+        Writer::Hyper(stalled) => {
+            events.stats.stalled = stalled;
+            None
+        }
+        Writer::Relay(stalled) => {
+            events.stats.stalled = stalled;
+            return Response::from_parts(head, Relay::start(events, send_timeout).boxed_unsync());
+        }
     };
     let stream = EventStream { events: Some(events), direct, pump: None };
     Response::from_parts(head, stream.boxed_unsync())
@@ -111,10 +118,12 @@ pub enum Writer {
     /// The stream itself, on the client's plain HTTP/1.1 socket (`crate::direct`).
     Direct(ClientSocket),
     /// hyper, which polls the body (HTTP/1.1 over TLS, whose blocked writes
-    /// `crate::send_timeout` times).
-    Hyper,
+    /// `crate::send_timeout` times, and HTTP/1.0), with its connection's
+    /// flag: a connection given up for a blocked write ends its streams as
+    /// `send_timeout`, not `client_gone`.
+    Hyper(Option<StallFlag>),
     /// hyper, fed by a task of the stream's own ([`Relay`]): HTTP/2.
-    Relay,
+    Relay(Option<StallFlag>),
 }
 
 /// The names of the proxy's own events.
@@ -544,6 +553,8 @@ pub struct StreamStats {
     reported: u64,
     bytes_total: u64,
     pub outcome: &'static str,
+    /// Set when hyper gave the stream's connection up for a blocked write.
+    pub stalled: Option<StallFlag>,
 }
 
 impl StreamStats {
@@ -561,6 +572,7 @@ impl StreamStats {
             reported: 0,
             bytes_total: 0,
             outcome: "client_gone",
+            stalled: None,
         }
     }
 
@@ -588,6 +600,9 @@ impl StreamStats {
 impl Drop for StreamStats {
     fn drop(&mut self) {
         let duration = self.started.elapsed();
+        if self.outcome == "client_gone" && self.stalled.as_ref().is_some_and(|s| s.is_set()) {
+            self.outcome = "send_timeout";
+        }
         self.meters.streams_active.dec();
         self.meters.events_sent.inc_by(self.events - self.reported);
         match self.outcome {

@@ -144,6 +144,9 @@ async fn a_client_that_stops_reading_over_tls_is_dropped_after_send_timeout() {
     let (mut up, proxy) = stuck_proxy(&tls, |_| ()).await;
     let url = format!("https://localhost:{}/v1/stuck", proxy.addr.port());
     let resp = stop_reading(&https_client(&tls, true), &url, &mut up, Version::HTTP_11).await;
+    // Counted as stalled, not as a client that left.
+    let stalled = "ssegate_streams_ended_total{route=\"/v1\",outcome=\"send_timeout\"}";
+    handoff_support::wait_metric(proxy.admin, stalled, 1.0).await;
     drop(resp);
 }
 
