@@ -2,8 +2,8 @@
 //! itself, not through hyper's write buffer.
 //!
 //! hyper still reads the requests, writes each response head and the
-//! chunked body's last chunk (with the stream's last frame when the
-//! upstream ended in the same read, so that both go in one packet), and
+//! chunked body's last chunk (with the stream's last frame when that is
+//! small and ready with the end, so that both go in one packet), and
 //! watches the socket for the client leaving. In between, the stream runs in a task of its own
 //! (`crate::stream`), which the upstream socket wakes, and each event costs
 //! one `writev` of the chunk's size line, the event and its CRLF, with no
@@ -32,7 +32,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::send_timeout::Stall;
+use crate::send_timeout::{Stall, StallFlag};
 
 /// A plain-TCP client connection, shared by hyper (as its I/O, [`SharedIo`])
 /// and the event streams it answers with ([`Direct`]).
@@ -41,13 +41,16 @@ pub struct Socket {
     /// How many times hyper flushed the socket: it does so only with its
     /// write buffer empty.
     flushes: AtomicU64,
+    /// Set when hyper's writes (the head, frames before the stream writes
+    /// itself, its last frame) gave up for `limits.send_timeout`.
+    pub stalled: StallFlag,
 }
 
 impl Socket {
     /// Wraps a connection from which `first` was read already; hyper gets
     /// the returned [`SharedIo`], which hands it `first` before the rest.
-    pub fn new(tcp: TcpStream, first: BytesMut) -> (SharedIo, Arc<Socket>) {
-        let socket = Arc::new(Socket { tcp, flushes: AtomicU64::new(0) });
+    pub fn new(tcp: TcpStream, first: BytesMut, stalled: StallFlag) -> (SharedIo, Arc<Socket>) {
+        let socket = Arc::new(Socket { tcp, flushes: AtomicU64::new(0), stalled });
         (SharedIo { socket: socket.clone(), first, eof: false }, socket)
     }
 

@@ -312,7 +312,10 @@ fn builder(app: &App) -> auto::Builder<TokioExecutor> {
 #[derive(Clone, Copy, Debug)]
 enum Proto {
     Http1,
-    /// HTTP/2, or not told apart yet: hyper-util's auto builder decides.
+    /// HTTP/2 (its preface came, or TLS agreed on `h2`): hyper-util's auto
+    /// builder serves it, and [`Conn::drive`] watches for it being idle.
+    Http2,
+    /// Not told apart (TLS without ALPN): hyper-util's auto builder decides.
     Either,
 }
 
@@ -427,7 +430,7 @@ impl Conn {
     /// connection that sent only a byte) is closed 100 ms after the signal,
     /// as hyper would wait for its head.
     ///
-    /// A connection that may speak HTTP/2 is also shut down once it has had
+    /// An HTTP/2 connection ([`Proto::Http2`]) is also shut down once it has had
     /// no request open (response bodies included) for `limits.header_timeout`
     /// (checked every `header_timeout`, so after up to twice that): hyper
     /// times only HTTP/1.1's wait for the next request head, and an HTTP/2
@@ -454,7 +457,7 @@ impl Conn {
         let activity = Arc::new(Activity::default());
         let counted = activity.clone();
         // Only a connection whose idle time this proxy watches counts its open requests.
-        let watch_idle = matches!(proto, Proto::Either);
+        let watch_idle = matches!(proto, Proto::Http2);
         let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let app = current.borrow().clone();
             // hyper sends these responses' bodies chunked (see `crate::direct`).
@@ -489,13 +492,13 @@ impl Conn {
                 tokio::pin!(conn);
                 self.until_done(conn, |c| c.graceful_shutdown(), &activity, false).await
             }
-            Proto::Either => {
+            Proto::Http2 | Proto::Either => {
                 // Boxed: the auto builder's connection is sized for HTTP/2,
                 // which HTTP/1.1 connections need not carry.
                 // Built here, not per connection: most connections are HTTP/1.1.
                 let auto = builder(&self.app);
                 let mut conn = Box::pin(auto.serve_connection(io, svc));
-                self.until_done(conn.as_mut(), |c| c.graceful_shutdown(), &activity, true).await
+                self.until_done(conn.as_mut(), |c| c.graceful_shutdown(), &activity, watch_idle).await
             }
         }
     }
@@ -538,10 +541,20 @@ impl Conn {
                         // between: idle for a whole period at least.
                         shutdown(conn.as_mut());
                         // HTTP/2's goodbye waits for the client's answer to
-                        // a ping; one that does not answer is not waited for.
-                        return match tokio::time::timeout(period, conn.as_mut()).await {
-                            Ok(r) => r.map_err(Into::into),
-                            Err(_) => Ok(()),
+                        // a ping; one that does not answer is not waited for
+                        // longer than a period. A request the client sent
+                        // before the goodbye reached it is served whole.
+                        let give_up = async {
+                            tokio::time::sleep(period).await;
+                            if activity.requests.load(Ordering::Relaxed) != requests
+                                || activity.open.load(Ordering::Relaxed) > 0
+                            {
+                                std::future::pending::<()>().await;
+                            }
+                        };
+                        return tokio::select! {
+                            r = conn.as_mut() => r.map_err(Into::into),
+                            _ = give_up => Ok(()),
                         };
                     } else {
                         idle_since = Some(requests);
@@ -574,6 +587,7 @@ impl Conn {
             Ok(Ok(tls)) => {
                 let proto = match tls.get_ref().1.alpn_protocol() {
                     Some(b"http/1.1") => Proto::Http1,
+                    Some(b"h2") => Proto::Http2,
                     _ => Proto::Either,
                 };
                 let stalled = StallFlag::default();
@@ -618,9 +632,9 @@ impl Conn {
                     Ok(Err(e)) => return tracing::debug!(error = %e, "reading the request failed"),
                     Err(_) => return tracing::debug!("no request within header_timeout"),
                 };
-                let proto = if first.starts_with(H2_PREFACE) { Proto::Either } else { Proto::Http1 };
-                let (io, socket) = Socket::new(stream, first);
+                let proto = if first.starts_with(H2_PREFACE) { Proto::Http2 } else { Proto::Http1 };
                 let stalled = StallFlag::default();
+                let (io, socket) = Socket::new(stream, first, stalled.clone());
                 let io = SendTimeout::new(io, self.app.config.limits.send_timeout, stalled.clone());
                 self.drive(TokioIo::new(io), proto, Some(socket), stalled).await
             }

@@ -99,7 +99,10 @@ pub fn direct_response(
         _slot: slot,
     };
     let direct = match writer {
-        Writer::Direct(client) => Some(Direct::new(client, send_timeout)),
+        Writer::Direct(client) => {
+            events.stats.stalled = Some(client.0.stalled.clone());
+            Some(Direct::new(client, send_timeout))
+        }
         Writer::Hyper(stalled) => {
             events.stats.stalled = stalled;
             None
@@ -186,7 +189,7 @@ impl Body for EventStream {
         // poll of hyper's connection. hyper still watches the socket for the
         // client leaving (dropping this body aborts the task), and writes the
         // last chunk once the task is done, with the stream's last frame when
-        // that came with the upstream's end.
+        // the task leaves it (see `pump`).
         if let (Some(events), Some(mut direct)) = (this.events.take(), this.direct.take()) {
             this.pump = Some(spawn_stream(events, move |events, cx| pump(events, &mut direct, cx)));
         }
@@ -231,9 +234,11 @@ fn task_end(
 }
 
 /// Writes the stream's events to the client until it is over; `Ok` once
-/// all of it is out but the last frame, when that came with the upstream's
-/// end: hyper sends it and the body's last chunk in one write, so the client
-/// gets the end with the last event (one packet, not two).
+/// all of it is out but the last frame when that is ready with the stream's
+/// end (the upstream's last event in the read that ended its body, or the
+/// proxy's own `end` or `error` event) and small: hyper sends it and the
+/// body's last chunk in one write, so the client gets the end with the last
+/// event (one packet, not two).
 fn pump(events: &mut Events, direct: &mut Direct, cx: &mut Context<'_>) -> Poll<std::io::Result<Option<Bytes>>> {
     loop {
         // What the stream wrote goes out before anything else.
@@ -252,8 +257,13 @@ fn pump(events: &mut Events, direct: &mut Direct, cx: &mut Context<'_>) -> Poll<
                 return Poll::Pending;
             }
             Poll::Ready(None) if events.out.is_empty() => return Poll::Ready(Ok(None)),
-            // Everything before it is out (flushed above).
-            Poll::Ready(None) => return Poll::Ready(Ok(Some(events.take_frame()))),
+            // Everything before it is out (flushed above). A large last frame
+            // is written here, under the stream's own send timeout, and the
+            // stream counted as complete only once it is out.
+            Poll::Ready(None) if events.out.len() <= LAST_TO_HYPER => {
+                return Poll::Ready(Ok(Some(events.take_frame())))
+            }
+            Poll::Ready(None) => events.write_out(direct)?,
             Poll::Ready(Some(Next::Static(frame))) if events.out.is_empty() => direct.send_bytes(frame)?,
             Poll::Ready(Some(next)) => {
                 if let Next::Static(frame) = next {
@@ -346,6 +356,10 @@ fn relay(
 /// How much a directly written stream gathers into one write when its
 /// upstream has more ready at once.
 const GATHER: usize = 64 * 1024;
+
+/// The largest last frame a directly written stream leaves to hyper, to go
+/// out with the body's last chunk.
+const LAST_TO_HYPER: usize = 4096;
 
 /// Where the next frame is.
 enum Next {
