@@ -312,10 +312,9 @@ fn builder(app: &App) -> auto::Builder<TokioExecutor> {
 #[derive(Clone, Copy, Debug)]
 enum Proto {
     Http1,
-    /// HTTP/2 (its preface came, or TLS agreed on `h2`): hyper-util's auto
-    /// builder serves it, and [`Conn::drive`] watches for it being idle.
-    Http2,
-    /// Not told apart (TLS without ALPN): hyper-util's auto builder decides.
+    /// HTTP/2 (its preface came, or TLS agreed on `h2`), or not told apart
+    /// (TLS without ALPN): hyper-util's auto builder decides, and
+    /// [`Conn::drive`] watches for the connection being idle.
     Either,
 }
 
@@ -430,7 +429,7 @@ impl Conn {
     /// connection that sent only a byte) is closed 100 ms after the signal,
     /// as hyper would wait for its head.
     ///
-    /// An HTTP/2 connection ([`Proto::Http2`]) is also shut down once it has had
+    /// An HTTP/2 connection ([`Proto::Either`]) is also shut down once it has had
     /// no request open (response bodies included) for `limits.header_timeout`
     /// (checked every `header_timeout`, so after up to twice that): hyper
     /// times only HTTP/1.1's wait for the next request head, and an HTTP/2
@@ -457,7 +456,10 @@ impl Conn {
         let activity = Arc::new(Activity::default());
         let counted = activity.clone();
         // Only a connection whose idle time this proxy watches counts its open requests.
-        let watch_idle = matches!(proto, Proto::Http2);
+        // A TLS connection without ALPN too: hyper-util's version check has
+        // no timeout of its own. (Should it be HTTP/1.1 with a head under
+        // way at the second idle check, the head is cut short.)
+        let watch_idle = matches!(proto, Proto::Either);
         let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let app = current.borrow().clone();
             // hyper sends these responses' bodies chunked (see `crate::direct`).
@@ -492,7 +494,7 @@ impl Conn {
                 tokio::pin!(conn);
                 self.until_done(conn, |c| c.graceful_shutdown(), &activity, false).await
             }
-            Proto::Http2 | Proto::Either => {
+            Proto::Either => {
                 // Boxed: the auto builder's connection is sized for HTTP/2,
                 // which HTTP/1.1 connections need not carry.
                 // Built here, not per connection: most connections are HTTP/1.1.
@@ -517,6 +519,7 @@ impl Conn {
         F: Future<Output = Result<(), E>>,
         E: Into<BoxError>,
     {
+        let mut shutdown = Some(shutdown);
         // Polled only when the signal fires, not on every wake of the connection.
         let mut stop = OnWake::new(self.stop.clone().cancelled_owned());
         let period = self.app.config.limits.header_timeout;
@@ -538,31 +541,25 @@ impl Conn {
                         idle_since = None;
                     } else if idle_since == Some(requests) {
                         // Nothing open at two checks and nothing came in
-                        // between: idle for a whole period at least.
-                        shutdown(conn.as_mut());
-                        // HTTP/2's goodbye waits for the client's answer to
-                        // a ping; one that does not answer is not waited for
-                        // longer than a period. A request the client sent
-                        // before the goodbye reached it is served whole.
-                        let give_up = async {
-                            tokio::time::sleep(period).await;
-                            if activity.requests.load(Ordering::Relaxed) != requests
-                                || activity.open.load(Ordering::Relaxed) > 0
-                            {
-                                std::future::pending::<()>().await;
-                            }
-                        };
-                        return tokio::select! {
-                            r = conn.as_mut() => r.map_err(Into::into),
-                            _ = give_up => Ok(()),
-                        };
+                        // between: idle for a whole period at least. The
+                        // first time, the goodbye (HTTP/2 then waits for the
+                        // client's answer to a ping; a request the client sent
+                        // before the goodbye reached it is served whole);
+                        // idle for another period after it, the client did
+                        // not close: it is dropped.
+                        match shutdown.take() {
+                            Some(shutdown) => shutdown(conn.as_mut()),
+                            None => return Ok(()),
+                        }
                     } else {
                         idle_since = Some(requests);
                     }
                 }
             }
         }
-        shutdown(conn.as_mut());
+        if let Some(shutdown) = shutdown.take() {
+            shutdown(conn.as_mut());
+        }
         let abandon = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
             if activity.requests.load(Ordering::Relaxed) > 0 {
@@ -587,7 +584,6 @@ impl Conn {
             Ok(Ok(tls)) => {
                 let proto = match tls.get_ref().1.alpn_protocol() {
                     Some(b"http/1.1") => Proto::Http1,
-                    Some(b"h2") => Proto::Http2,
                     _ => Proto::Either,
                 };
                 let stalled = StallFlag::default();
@@ -632,7 +628,7 @@ impl Conn {
                     Ok(Err(e)) => return tracing::debug!(error = %e, "reading the request failed"),
                     Err(_) => return tracing::debug!("no request within header_timeout"),
                 };
-                let proto = if first.starts_with(H2_PREFACE) { Proto::Http2 } else { Proto::Http1 };
+                let proto = if first.starts_with(H2_PREFACE) { Proto::Either } else { Proto::Http1 };
                 let stalled = StallFlag::default();
                 let (io, socket) = Socket::new(stream, first, stalled.clone());
                 let io = SendTimeout::new(io, self.app.config.limits.send_timeout, stalled.clone());

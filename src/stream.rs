@@ -259,7 +259,7 @@ fn pump(events: &mut Events, direct: &mut Direct, cx: &mut Context<'_>) -> Poll<
             Poll::Ready(None) if events.out.is_empty() => return Poll::Ready(Ok(None)),
             // Everything before it is out (flushed above). A large last frame
             // is written here, under the stream's own send timeout, and the
-            // stream counted as complete only once it is out.
+            // stream's slot let go only once it is out.
             Poll::Ready(None) if events.out.len() <= LAST_TO_HYPER => {
                 return Poll::Ready(Ok(Some(events.take_frame())))
             }

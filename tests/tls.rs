@@ -16,6 +16,7 @@ struct Tls {
     _dir: tempfile::TempDir,
     config: TlsConfig,
     root: reqwest::Certificate,
+    der: rustls::pki_types::CertificateDer<'static>,
 }
 
 /// A self-signed certificate for `localhost` and 127.0.0.1, written as PEM
@@ -28,7 +29,7 @@ fn certificate() -> Tls {
     std::fs::write(&cert, key.cert.pem()).unwrap();
     std::fs::write(&key_path, key.signing_key.serialize_pem()).unwrap();
     let root = reqwest::Certificate::from_pem(key.cert.pem().as_bytes()).unwrap();
-    Tls { _dir: dir, config: TlsConfig { cert, key: key_path }, root }
+    Tls { _dir: dir, config: TlsConfig { cert, key: key_path }, root, der: key.cert.der().clone() }
 }
 
 fn https_client(tls: &Tls, http1_only: bool) -> reqwest::Client {
@@ -95,6 +96,42 @@ async fn event_stream_over_http2_and_tls() {
     assert_eq!(resp.status(), StatusCode::OK);
     let data: Vec<String> = parse_sse(&body_text(resp).await).into_iter().map(|e| e.data).collect();
     assert_eq!(data, ["one", "two", "[DONE]"]);
+}
+
+/// A client that offers no ALPN (so the proxy cannot tell HTTP/1.1 from
+/// HTTP/2 before it reads), finishes the handshake and then sends nothing
+/// is dropped too: hyper-util's version check has no timeout of its own,
+/// and the connection, with no request open, is shut down at its second
+/// idle check, `header_timeout`s apart.
+#[tokio::test]
+async fn a_tls_client_without_alpn_that_sends_nothing_is_dropped() {
+    use tokio::io::AsyncReadExt;
+    let tls = certificate();
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let mut config = support::config(upstream.addr);
+    config.server.tls = Some(tls.config.clone());
+    config.limits.header_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(config).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(tls.der.clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let started = std::time::Instant::now();
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut silent = connector.connect(name, tcp).await.expect("TLS handshake failed");
+    assert_eq!(silent.get_ref().1.alpn_protocol(), None);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the proxy kept the connection open");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(590), "closed before two header_timeouts: {took:?}");
+    assert!(took < Duration::from_secs(3), "closed late: {took:?}");
 }
 
 #[tokio::test]
