@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -47,6 +47,13 @@ impl Stall {
         self.armed = false;
     }
 
+    /// Counts a write that moved bytes on the flag's connection.
+    fn count(&self, result: &Poll<io::Result<usize>>) {
+        if let (Some(flag), Poll::Ready(Ok(1..))) = (&self.flag, result) {
+            flag.0.moved.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// A write is blocked: starts the clock if it is not running, and
     /// registers for its end; an error once it ran out.
     fn blocked(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
@@ -61,7 +68,7 @@ impl Stall {
         let ran_out = self.timer.as_mut().is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
         if ran_out {
             if let Some(flag) = &self.flag {
-                flag.0.store(true, Ordering::Relaxed);
+                flag.0.stalled.store(true, Ordering::Relaxed);
             }
             return Err(io::Error::new(io::ErrorKind::TimedOut, Stalled));
         }
@@ -100,12 +107,25 @@ impl Stall {
 
 /// Whether a connection was given up for a blocked write: its streams,
 /// which hyper drops with it, end as `send_timeout`, not `client_gone`.
+/// It also counts the connection's writes that moved bytes, which tell an
+/// idle connection from one still sending what hyper has let go of.
 #[derive(Clone, Default)]
-pub struct StallFlag(Arc<AtomicBool>);
+pub struct StallFlag(Arc<ConnWrites>);
+
+#[derive(Default)]
+struct ConnWrites {
+    stalled: AtomicBool,
+    moved: AtomicU64,
+}
 
 impl StallFlag {
     pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.stalled.load(Ordering::Relaxed)
+    }
+
+    /// How many of the connection's writes moved bytes.
+    pub fn writes(&self) -> u64 {
+        self.0.moved.load(Ordering::Relaxed)
     }
 }
 
@@ -132,7 +152,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.io).poll_write(cx, buf);
-        this.stall.watch(cx, result, |n| *n > 0)
+        let result = this.stall.watch(cx, result, |n| *n > 0);
+        this.stall.count(&result);
+        result
     }
 
     fn poll_write_vectored(
@@ -142,7 +164,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        this.stall.watch(cx, result, |n| *n > 0)
+        let result = this.stall.watch(cx, result, |n| *n > 0);
+        this.stall.count(&result);
+        result
     }
 
     fn is_write_vectored(&self) -> bool {

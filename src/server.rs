@@ -429,12 +429,15 @@ impl Conn {
     /// connection that sent only a byte) is closed 100 ms after the signal,
     /// as hyper would wait for its head.
     ///
-    /// An HTTP/2 connection ([`Proto::Either`]) is also shut down once it has had
-    /// no request open (response bodies included) for `limits.header_timeout`
-    /// (checked every `header_timeout`, so after up to twice that): hyper
-    /// times only HTTP/1.1's wait for the next request head, and an HTTP/2
-    /// client that answers pings would otherwise hold its connection, and
-    /// one of `limits.max_connections`, for good.
+    /// A connection that is or may be HTTP/2 ([`Proto::Either`]) is also
+    /// shut down once it has had no request open (response bodies included)
+    /// for `limits.header_timeout` (checked every `header_timeout`, so after
+    /// up to twice that), and dropped when it is still there, with nothing
+    /// open, new or written, a check or two later: hyper times only
+    /// HTTP/1.1's wait for the next request head, and an HTTP/2 client that
+    /// answers pings (or a TLS client without ALPN that sends nothing) would
+    /// otherwise hold its connection, and one of `limits.max_connections`,
+    /// for good.
     ///
     /// `socket` is the client's plain-TCP socket, which HTTP/1.1 event
     /// streams write their chunks to (`crate::direct`); the requests whose
@@ -454,6 +457,7 @@ impl Conn {
         let current = self.current.clone();
         let side = self.side;
         let activity = Arc::new(Activity::default());
+        let writes = stalled.clone();
         let counted = activity.clone();
         // Only a connection whose idle time this proxy watches counts its open requests.
         // A TLS connection without ALPN too: hyper-util's version check has
@@ -492,7 +496,7 @@ impl Conn {
                     .max_header_size(MAX_BUF);
                 let conn = h1.serve_connection(io, svc);
                 tokio::pin!(conn);
-                self.until_done(conn, |c| c.graceful_shutdown(), &activity, false).await
+                self.until_done(conn, |c| c.graceful_shutdown(), &activity, None).await
             }
             Proto::Either => {
                 // Boxed: the auto builder's connection is sized for HTTP/2,
@@ -500,20 +504,21 @@ impl Conn {
                 // Built here, not per connection: most connections are HTTP/1.1.
                 let auto = builder(&self.app);
                 let mut conn = Box::pin(auto.serve_connection(io, svc));
-                self.until_done(conn.as_mut(), |c| c.graceful_shutdown(), &activity, watch_idle).await
+                self.until_done(conn.as_mut(), |c| c.graceful_shutdown(), &activity, watch_idle.then_some(&writes))
+                    .await
             }
         }
     }
 
-    /// Runs `conn` until it is done; on the stop signal, or when
-    /// `watch_idle` and it has been idle too long, `shutdown` starts its
-    /// graceful shutdown (see [`Conn::drive`]).
+    /// Runs `conn` until it is done; on the stop signal, or when watched
+    /// (`idle`: the connection's write count) and idle too long, `shutdown`
+    /// starts its graceful shutdown (see [`Conn::drive`]).
     async fn until_done<F, E>(
         &self,
         mut conn: Pin<&mut F>,
         shutdown: impl FnOnce(Pin<&mut F>),
         activity: &Activity,
-        watch_idle: bool,
+        idle: Option<&StallFlag>,
     ) -> Result<(), BoxError>
     where
         F: Future<Output = Result<(), E>>,
@@ -523,36 +528,45 @@ impl Conn {
         // Polled only when the signal fires, not on every wake of the connection.
         let mut stop = OnWake::new(self.stop.clone().cancelled_owned());
         let period = self.app.config.limits.header_timeout;
-        let mut check = watch_idle.then(|| {
+        let mut check = idle.map(|_| {
             let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             check
         });
-        // The request count at the last check, when none was open then.
-        let mut idle_since: Option<usize> = None;
+        // The request and write counts at the last check, when no request
+        // was open then.
+        let mut idle_since: Option<(usize, u64)> = None;
         loop {
             tokio::select! {
                 biased;
                 r = conn.as_mut() => return r.map_err(Into::into),
-                _ = &mut stop => break,
-                _ = tick(&mut check), if watch_idle => {
-                    let requests = activity.requests.load(Ordering::Relaxed);
+                // After the goodbye, the checks below end the connection.
+                _ = &mut stop, if shutdown.is_some() => break,
+                _ = tick(&mut check), if idle.is_some() => {
+                    let now = (
+                        activity.requests.load(Ordering::Relaxed),
+                        idle.map_or(0, StallFlag::writes),
+                    );
                     if activity.open.load(Ordering::Relaxed) > 0 {
                         idle_since = None;
-                    } else if idle_since == Some(requests) {
+                    } else if shutdown.is_some() && idle_since.is_some_and(|(requests, _)| requests == now.0) {
                         // Nothing open at two checks and nothing came in
                         // between: idle for a whole period at least. The
-                        // first time, the goodbye (HTTP/2 then waits for the
-                        // client's answer to a ping; a request the client sent
-                        // before the goodbye reached it is served whole);
-                        // idle for another period after it, the client did
-                        // not close: it is dropped.
-                        match shutdown.take() {
-                            Some(shutdown) => shutdown(conn.as_mut()),
-                            None => return Ok(()),
+                        // goodbye: HTTP/2 then waits for the client's answer
+                        // to a ping, and serves whole a request the client
+                        // sent before the goodbye reached it.
+                        if let Some(shutdown) = shutdown.take() {
+                            shutdown(conn.as_mut());
                         }
+                        idle_since = Some(now);
+                    } else if shutdown.is_none() && idle_since == Some(now) {
+                        // After the goodbye, a whole period with nothing open,
+                        // nothing new and nothing written (the end of a
+                        // response hyper let go of may still be going out to a
+                        // slow client): the client did not close, it is dropped.
+                        return Ok(());
                     } else {
-                        idle_since = Some(requests);
+                        idle_since = Some(now);
                     }
                 }
             }

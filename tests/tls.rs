@@ -110,7 +110,8 @@ async fn a_tls_client_without_alpn_that_sends_nothing_is_dropped() {
     let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
     let mut config = support::config(upstream.addr);
     config.server.tls = Some(tls.config.clone());
-    config.limits.header_timeout = Duration::from_millis(300);
+    // Long enough for a handshake on a busy machine (it is timed by it too).
+    config.limits.header_timeout = Duration::from_millis(500);
     let proxy = Proxy::start(config).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(tls.der.clone()).unwrap();
@@ -130,8 +131,8 @@ async fn a_tls_client_without_alpn_that_sends_nothing_is_dropped() {
     let read = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "the proxy kept the connection open");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(590), "closed before two header_timeouts: {took:?}");
-    assert!(took < Duration::from_secs(3), "closed late: {took:?}");
+    assert!(took >= Duration::from_millis(990), "closed before two header_timeouts: {took:?}");
+    assert!(took < Duration::from_secs(5), "closed late: {took:?}");
 }
 
 #[tokio::test]
