@@ -433,7 +433,8 @@ impl Conn {
     /// shut down once it has had no request open (response bodies included)
     /// for `limits.header_timeout` (checked every `header_timeout`, so after
     /// up to twice that), and dropped when it is still there, with nothing
-    /// open, new or written, a check or two later: hyper times only
+    /// open, new or written, two or three checks later (or at the stop
+    /// signal, with nothing open): hyper times only
     /// HTTP/1.1's wait for the next request head, and an HTTP/2 client that
     /// answers pings (or a TLS client without ALPN that sends nothing) would
     /// otherwise hold its connection, and one of `limits.max_connections`,
@@ -536,12 +537,22 @@ impl Conn {
         // The request and write counts at the last check, when no request
         // was open then.
         let mut idle_since: Option<(usize, u64)> = None;
+        let mut stopped = false;
         loop {
             tokio::select! {
                 biased;
                 r = conn.as_mut() => return r.map_err(Into::into),
-                // After the goodbye, the checks below end the connection.
-                _ = &mut stop, if shutdown.is_some() => break,
+                _ = &mut stop, if !stopped => {
+                    stopped = true;
+                    if shutdown.is_some() {
+                        break;
+                    }
+                    // After the goodbye: nothing open, nothing to wait for;
+                    // else the checks below end the connection.
+                    if activity.open.load(Ordering::Relaxed) == 0 {
+                        return Ok(());
+                    }
+                }
                 _ = tick(&mut check), if idle.is_some() => {
                     let now = (
                         activity.requests.load(Ordering::Relaxed),

@@ -109,6 +109,37 @@ async fn a_client_that_sends_the_http2_preface_and_nothing_more_is_dropped() {
     assert!(took < Duration::from_secs(3), "closed late: {took:?}");
 }
 
+/// An HTTP/2 connection past its goodbye with nothing open does not hold
+/// up the drain: the stop signal ends it at once.
+#[tokio::test]
+async fn an_idle_http2_connection_past_its_goodbye_does_not_hold_up_the_drain() {
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let mut config = support::config(upstream.addr);
+    config.limits.header_timeout = Duration::from_secs(1);
+    let mut proxy = Proxy::start(config).await;
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    silent.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+    // Frames until the GOAWAY (type 7), after two idle checks (2 s).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut head = [0u8; 9];
+            silent.read_exact(&mut head).await.unwrap();
+            let mut payload = vec![0u8; u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize];
+            silent.read_exact(&mut payload).await.unwrap();
+            if head[3] == 7 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("no GOAWAY");
+    let started = Instant::now();
+    proxy.shutdown();
+    stopped(proxy).await;
+    // The drain would otherwise wait for the next idle checks (1 to 2 s).
+    assert!(started.elapsed() < Duration::from_millis(900), "the drain took {:?}", started.elapsed());
+}
+
 /// An HTTP/2 client (which answers pings) keeps its connection while a
 /// stream runs, however long, and loses it once it has had no request open
 /// for `header_timeout`, as an idle HTTP/1.1 connection does.
