@@ -28,14 +28,20 @@ async fn stopped(proxy: Proxy) {
     result.expect("run panicked").expect("run failed");
 }
 
+/// A proxy in front of an upstream that answers "ok", with its config
+/// changed by `tweak`.
+async fn ok_proxy(tweak: impl FnOnce(&mut ssegate::config::Config)) -> (Upstream, Proxy) {
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let mut config = support::config(upstream.addr);
+    tweak(&mut config);
+    let proxy = Proxy::start(config).await;
+    (upstream, proxy)
+}
+
 /// A proxy with a 300 ms `header_timeout` in front of an upstream that
 /// answers "ok".
 async fn short_header_timeout() -> (Upstream, Proxy) {
-    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
-    let mut config = support::config(upstream.addr);
-    config.limits.header_timeout = Duration::from_millis(300);
-    let proxy = Proxy::start(config).await;
-    (upstream, proxy)
+    ok_proxy(|c| c.limits.header_timeout = Duration::from_millis(300)).await
 }
 
 #[tokio::test]
@@ -113,10 +119,7 @@ async fn a_client_that_sends_the_http2_preface_and_nothing_more_is_dropped() {
 /// up the drain: the stop signal ends it at once.
 #[tokio::test]
 async fn an_idle_http2_connection_past_its_goodbye_does_not_hold_up_the_drain() {
-    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
-    let mut config = support::config(upstream.addr);
-    config.limits.header_timeout = Duration::from_secs(1);
-    let mut proxy = Proxy::start(config).await;
+    let (_upstream, mut proxy) = ok_proxy(|c| c.limits.header_timeout = Duration::from_secs(1)).await;
     let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
     silent.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
     // Frames until the GOAWAY (type 7), after two idle checks (2 s).
@@ -297,10 +300,7 @@ async fn drain_timeout_cuts_a_hanging_pass_through_body() {
 
 #[tokio::test]
 async fn shutdown_with_nothing_open_returns_at_once() {
-    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
-    let mut config = support::config(upstream.addr);
-    config.server.drain_timeout = Duration::from_secs(30);
-    let mut proxy = Proxy::start(config).await;
+    let (_upstream, mut proxy) = ok_proxy(|c| c.server.drain_timeout = Duration::from_secs(30)).await;
     // An idle keep-alive connection must not hold the drain.
     let c = client();
     assert_eq!(c.get(proxy.url("/v1/x")).send().await.unwrap().status(), StatusCode::OK);
