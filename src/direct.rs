@@ -32,7 +32,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::send_timeout::{Stall, StallFlag};
+use crate::send_timeout::{ConnWrites, Stall};
 
 /// A plain-TCP client connection, shared by hyper (as its I/O, [`SharedIo`])
 /// and the event streams it answers with ([`Direct`]).
@@ -41,16 +41,16 @@ pub struct Socket {
     /// How many times hyper flushed the socket: it does so only with its
     /// write buffer empty.
     flushes: AtomicU64,
-    /// Set when hyper's writes (the head, frames before the stream writes
-    /// itself, its last frame) gave up for `limits.send_timeout`.
-    pub stalled: StallFlag,
+    /// What the send timeout of hyper's writes (the head, frames before the
+    /// stream writes itself, its last frame) saw.
+    pub writes: ConnWrites,
 }
 
 impl Socket {
     /// Wraps a connection from which `first` was read already; hyper gets
     /// the returned [`SharedIo`], which hands it `first` before the rest.
-    pub fn new(tcp: TcpStream, first: BytesMut, stalled: StallFlag) -> (SharedIo, Arc<Socket>) {
-        let socket = Arc::new(Socket { tcp, flushes: AtomicU64::new(0), stalled });
+    pub fn new(tcp: TcpStream, first: BytesMut, writes: ConnWrites) -> (SharedIo, Arc<Socket>) {
+        let socket = Arc::new(Socket { tcp, flushes: AtomicU64::new(0), writes });
         (SharedIo { socket: socket.clone(), first, eof: false }, socket)
     }
 

@@ -87,7 +87,7 @@ pub async fn forward(
             None => app.client_slot(&client).await?,
         };
         use crate::stream::Writer;
-        let stalled = || parts.extensions.get::<crate::send_timeout::StallFlag>().cloned();
+        let stalled = || parts.extensions.get::<crate::send_timeout::ConnWrites>().cloned();
         let writer = if parts.version == http::Version::HTTP_2 {
             Writer::Relay(stalled())
         } else if let Some(client) = parts.extensions.get::<crate::direct::ClientSocket>() {

@@ -33,13 +33,14 @@ pub struct Stall {
     timer: Option<Pin<Box<Sleep>>>,
     /// Whether `timer` runs for the current blockage.
     armed: bool,
-    /// Set when the clock runs out (a connection's, for its streams).
-    flag: Option<StallFlag>,
+    /// A connection's: told when the clock runs out and of each write that
+    /// moved bytes.
+    writes: Option<ConnWrites>,
 }
 
 impl Stall {
     pub fn new(timeout: Duration) -> Stall {
-        Stall { timeout, timer: None, armed: false, flag: None }
+        Stall { timeout, timer: None, armed: false, writes: None }
     }
 
     /// Bytes went out: the clock stops.
@@ -47,10 +48,10 @@ impl Stall {
         self.armed = false;
     }
 
-    /// Counts a write that moved bytes on the flag's connection.
+    /// Counts a write that moved bytes on the connection.
     fn count(&self, result: &Poll<io::Result<usize>>) {
-        if let (Some(flag), Poll::Ready(Ok(1..))) = (&self.flag, result) {
-            flag.0.moved.fetch_add(1, Ordering::Relaxed);
+        if let (Some(writes), Poll::Ready(Ok(1..))) = (&self.writes, result) {
+            writes.0.moved.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -67,8 +68,8 @@ impl Stall {
         }
         let ran_out = self.timer.as_mut().is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
         if ran_out {
-            if let Some(flag) = &self.flag {
-                flag.0.stalled.store(true, Ordering::Relaxed);
+            if let Some(writes) = &self.writes {
+                writes.0.stalled.store(true, Ordering::Relaxed);
             }
             return Err(io::Error::new(io::ErrorKind::TimedOut, Stalled));
         }
@@ -105,26 +106,28 @@ impl Stall {
     }
 }
 
-/// Whether a connection was given up for a blocked write: its streams,
-/// which hyper drops with it, end as `send_timeout`, not `client_gone`.
-/// It also counts the connection's writes that moved bytes, which tell an
-/// idle connection from one still sending what hyper has let go of.
+/// What a connection's send timeout saw of its writes: whether it gave the
+/// connection up for a blocked write (its streams, which hyper drops with
+/// it, then end as `send_timeout`, not `client_gone`), and how many writes
+/// moved bytes (which tell an idle connection from one still sending what
+/// hyper has let go of).
 #[derive(Clone, Default)]
-pub struct StallFlag(Arc<ConnWrites>);
+pub struct ConnWrites(Arc<WriteCounts>);
 
 #[derive(Default)]
-struct ConnWrites {
+struct WriteCounts {
     stalled: AtomicBool,
     moved: AtomicU64,
 }
 
-impl StallFlag {
-    pub fn is_set(&self) -> bool {
+impl ConnWrites {
+    /// Whether the send timeout gave the connection up.
+    pub fn stalled(&self) -> bool {
         self.0.stalled.load(Ordering::Relaxed)
     }
 
     /// How many of the connection's writes moved bytes.
-    pub fn writes(&self) -> u64 {
+    pub fn moved(&self) -> u64 {
         self.0.moved.load(Ordering::Relaxed)
     }
 }
@@ -136,9 +139,10 @@ pub struct SendTimeout<T> {
 }
 
 impl<T> SendTimeout<T> {
-    /// `flag` is set when the clock runs out.
-    pub fn new(io: T, timeout: Duration, flag: StallFlag) -> SendTimeout<T> {
-        SendTimeout { io, stall: Stall { flag: Some(flag), ..Stall::new(timeout) } }
+    /// `writes` hears of each write that moved bytes and of the clock
+    /// running out.
+    pub fn new(io: T, timeout: Duration, writes: ConnWrites) -> SendTimeout<T> {
+        SendTimeout { io, stall: Stall { writes: Some(writes), ..Stall::new(timeout) } }
     }
 }
 

@@ -27,7 +27,7 @@ use crate::body::BoxError;
 use crate::direct::{ClientSocket, Socket};
 use crate::metrics::WorkerLabel;
 use crate::proxy::ConnInfo;
-use crate::send_timeout::{SendTimeout, StallFlag};
+use crate::send_timeout::{ConnWrites, SendTimeout};
 use crate::wake::OnWake;
 use crate::{admin, router, App};
 
@@ -442,14 +442,14 @@ impl Conn {
     ///
     /// `socket` is the client's plain-TCP socket, which HTTP/1.1 event
     /// streams write their chunks to (`crate::direct`); the requests whose
-    /// responses hyper writes get `stalled`, which the connection's send
-    /// timeout sets.
+    /// responses hyper writes get `writes`, which the connection's send
+    /// timeout keeps.
     async fn drive<I>(
         &self,
         io: I,
         proto: Proto,
         socket: Option<Arc<Socket>>,
-        stalled: StallFlag,
+        writes: ConnWrites,
     ) -> Result<(), BoxError>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -458,12 +458,13 @@ impl Conn {
         let current = self.current.clone();
         let side = self.side;
         let activity = Arc::new(Activity::default());
-        let writes = stalled.clone();
+        let for_requests = writes.clone();
         let counted = activity.clone();
-        // Only a connection whose idle time this proxy watches counts its open requests.
-        // A TLS connection without ALPN too: hyper-util's version check has
-        // no timeout of its own. (Should it be HTTP/1.1 with a head under
-        // way at the second idle check, the head is cut short.)
+        // Only a connection whose idle time this proxy watches counts its
+        // open requests: HTTP/2, and TLS without ALPN, whose version check
+        // in hyper-util has no timeout of its own. (Should that be HTTP/1.1
+        // with a head under way at the second idle check, the head is cut
+        // short.)
         let watch_idle = matches!(proto, Proto::Either);
         let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let app = current.borrow().clone();
@@ -473,7 +474,7 @@ impl Conn {
                     req.extensions_mut().insert(ClientSocket(socket.clone()));
                 }
                 _ => {
-                    req.extensions_mut().insert(stalled.clone());
+                    req.extensions_mut().insert(for_requests.clone());
                 }
             }
             counted.requests.fetch_add(1, Ordering::Relaxed);
@@ -519,7 +520,7 @@ impl Conn {
         mut conn: Pin<&mut F>,
         shutdown: impl FnOnce(Pin<&mut F>),
         activity: &Activity,
-        idle: Option<&StallFlag>,
+        idle: Option<&ConnWrites>,
     ) -> Result<(), BoxError>
     where
         F: Future<Output = Result<(), E>>,
@@ -556,7 +557,7 @@ impl Conn {
                 _ = tick(&mut check), if idle.is_some() => {
                     let now = (
                         activity.requests.load(Ordering::Relaxed),
-                        idle.map_or(0, StallFlag::writes),
+                        idle.map_or(0, ConnWrites::moved),
                     );
                     if activity.open.load(Ordering::Relaxed) > 0 {
                         idle_since = None;
@@ -611,9 +612,9 @@ impl Conn {
                     Some(b"http/1.1") => Proto::Http1,
                     _ => Proto::Either,
                 };
-                let stalled = StallFlag::default();
-                let io = SendTimeout::new(tls, self.app.config.limits.send_timeout, stalled.clone());
-                Some(self.drive(TokioIo::new(io), proto, None, stalled).await)
+                let writes = ConnWrites::default();
+                let io = SendTimeout::new(tls, self.app.config.limits.send_timeout, writes.clone());
+                Some(self.drive(TokioIo::new(io), proto, None, writes).await)
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
@@ -654,10 +655,10 @@ impl Conn {
                     Err(_) => return tracing::debug!("no request within header_timeout"),
                 };
                 let proto = if first.starts_with(H2_PREFACE) { Proto::Either } else { Proto::Http1 };
-                let stalled = StallFlag::default();
-                let (io, socket) = Socket::new(stream, first, stalled.clone());
-                let io = SendTimeout::new(io, self.app.config.limits.send_timeout, stalled.clone());
-                self.drive(TokioIo::new(io), proto, Some(socket), stalled).await
+                let writes = ConnWrites::default();
+                let (io, socket) = Socket::new(stream, first, writes.clone());
+                let io = SendTimeout::new(io, self.app.config.limits.send_timeout, writes.clone());
+                self.drive(TokioIo::new(io), proto, Some(socket), writes).await
             }
         };
         if let Err(e) = result {

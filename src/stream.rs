@@ -24,7 +24,7 @@ use crate::error::json_error;
 use crate::metrics::{Metrics, OutcomeLabels, RouteMeters};
 use crate::reframe::{Reframer, Wire};
 use crate::router::Route;
-use crate::send_timeout::StallFlag;
+use crate::send_timeout::ConnWrites;
 use crate::sse::KEEPALIVE;
 use crate::wake::{Gate, OnWake};
 use crate::App;
@@ -100,7 +100,7 @@ pub fn direct_response(
     };
     let direct = match writer {
         Writer::Direct(client) => {
-            events.stats.stalled = Some(client.0.stalled.clone());
+            events.stats.stalled = Some(client.0.writes.clone());
             Some(Direct::new(client, send_timeout))
         }
         Writer::Hyper(stalled) => {
@@ -122,11 +122,11 @@ pub enum Writer {
     Direct(ClientSocket),
     /// hyper, which polls the body (HTTP/1.1 over TLS, whose blocked writes
     /// `crate::send_timeout` times, and HTTP/1.0), with its connection's
-    /// flag: a connection given up for a blocked write ends its streams as
-    /// `send_timeout`, not `client_gone`.
-    Hyper(Option<StallFlag>),
+    /// [`ConnWrites`]: a connection given up for a blocked write ends its
+    /// streams as `send_timeout`, not `client_gone`.
+    Hyper(Option<ConnWrites>),
     /// hyper, fed by a task of the stream's own ([`Relay`]): HTTP/2.
-    Relay(Option<StallFlag>),
+    Relay(Option<ConnWrites>),
 }
 
 /// The names of the proxy's own events.
@@ -567,8 +567,8 @@ pub struct StreamStats {
     reported: u64,
     bytes_total: u64,
     pub outcome: &'static str,
-    /// Set when hyper gave the stream's connection up for a blocked write.
-    pub stalled: Option<StallFlag>,
+    /// The connection's writes: whether hyper gave it up for a blocked write.
+    pub stalled: Option<ConnWrites>,
 }
 
 impl StreamStats {
@@ -614,7 +614,7 @@ impl StreamStats {
 impl Drop for StreamStats {
     fn drop(&mut self) {
         let duration = self.started.elapsed();
-        if self.outcome == "client_gone" && self.stalled.as_ref().is_some_and(|s| s.is_set()) {
+        if self.outcome == "client_gone" && self.stalled.as_ref().is_some_and(ConnWrites::stalled) {
             self.outcome = "send_timeout";
         }
         self.meters.streams_active.dec();

@@ -275,14 +275,21 @@ async fn a_burst_of_upstream_chunks_arrives_whole_and_in_order() {
     assert_eq!(parse_sse(std::str::from_utf8(&body).unwrap()), want);
 }
 
-#[tokio::test]
-async fn an_http_1_0_upstreams_stream_reaches_an_http_1_1_client_chunked() {
+/// A proxy in front of a raw upstream, a client that asked it for `path`,
+/// and the upstream connection whose request head was read.
+async fn raw_exchange(path: &str) -> (Proxy, TcpStream, TcpStream) {
     let mut up = RawUpstream::start().await;
     let proxy = Proxy::start(config(up.addr)).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(&request("GET", "/v1/old-upstream", "1.1")).await.unwrap();
+    s.write_all(&request("GET", path, "1.1")).await.unwrap();
     let mut upstream = up.accept().await;
     read_head(&mut upstream).await;
+    (proxy, s, upstream)
+}
+
+#[tokio::test]
+async fn an_http_1_0_upstreams_stream_reaches_an_http_1_1_client_chunked() {
+    let (_proxy, mut s, mut upstream) = raw_exchange("/v1/old-upstream").await;
     // An unframed body that ends when the upstream closes, as HTTP/1.0 servers send it.
     upstream.write_all(b"HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: one\n\n").await.unwrap();
     let (head, mut rest) = read_head(&mut s).await;
@@ -329,12 +336,7 @@ async fn a_streams_end_reaches_the_client_with_its_last_event_in_one_packet() {
         ("text/event-stream", "data: one\n\n", "data: two\n\n", "id: 2\ndata: two\n\n"),
         ("application/x-ndjson", "{\"n\":1}\n", "{\"n\":2}\n", "event: end\n"),
     ] {
-        let mut up = RawUpstream::start().await;
-        let proxy = Proxy::start(config(up.addr)).await;
-        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(&request("GET", "/v1/stream", "1.1")).await.unwrap();
-        let mut upstream = up.accept().await;
-        read_head(&mut upstream).await;
+        let (_proxy, mut s, mut upstream) = raw_exchange("/v1/stream").await;
         let head = format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n");
         upstream.write_all(format!("{head}{}", chunk(first)).as_bytes()).await.unwrap();
         let (head, mut rest) = read_head(&mut s).await;

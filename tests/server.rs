@@ -44,6 +44,19 @@ async fn short_header_timeout() -> (Upstream, Proxy) {
     ok_proxy(|c| c.limits.header_timeout = Duration::from_millis(300)).await
 }
 
+/// The HTTP/2 preface and an empty SETTINGS frame.
+const PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// A connection to `proxy` that sent `sent` and then stalls, while another
+/// client is served.
+async fn stalled_beside_a_served_client(proxy: &Proxy, sent: &[u8]) -> TcpStream {
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    stalled.write_all(sent).await.unwrap();
+    let resp = client().get(proxy.url("/v1/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    stalled
+}
+
 #[tokio::test]
 async fn a_half_sent_head_is_dropped_while_others_are_served() {
     let (upstream, proxy) = short_header_timeout().await;
@@ -69,9 +82,7 @@ async fn a_client_that_sends_nothing_is_dropped() {
     let (_upstream, proxy) = short_header_timeout().await;
 
     let started = Instant::now();
-    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
-    let resp = client().get(proxy.url("/v1/x")).send().await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    let mut silent = stalled_beside_a_served_client(&proxy, b"").await;
     until_closed(&mut silent).await;
     assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_timeout");
 }
@@ -85,10 +96,7 @@ async fn a_client_that_stalls_in_the_http2_preface_is_dropped() {
 
     for part in [&b"PRI"[..], b"PRI * HTTP/2.0\r\n"] {
         let started = Instant::now();
-        let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
-        stalled.write_all(part).await.unwrap();
-        let resp = client().get(proxy.url("/v1/x")).send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
+        let mut stalled = stalled_beside_a_served_client(&proxy, part).await;
         assert!(until_closed(&mut stalled).await.is_empty());
         assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_timeout");
     }
@@ -96,17 +104,14 @@ async fn a_client_that_stalls_in_the_http2_preface_is_dropped() {
 
 /// A client that sends the whole HTTP/2 preface and its settings, and
 /// then nothing (not even an answer to a ping), is dropped too: a
-/// connection with no request open is shut down after one to two
-/// `header_timeout`s, and its goodbye not waited for longer than one more.
+/// connection with no request open gets its goodbye after one to two
+/// `header_timeout`s, and is dropped when it is still idle (nothing open,
+/// new or written) a whole period later.
 #[tokio::test]
 async fn a_client_that_sends_the_http2_preface_and_nothing_more_is_dropped() {
     let (_upstream, proxy) = short_header_timeout().await;
     let started = Instant::now();
-    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
-    // The preface, then an empty SETTINGS frame.
-    stalled.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
-    let resp = client().get(proxy.url("/v1/x")).send().await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stalled = stalled_beside_a_served_client(&proxy, PREFACE_AND_SETTINGS).await;
     until_closed(&mut stalled).await;
     // Two checks (0.3 and 0.6 s) to the goodbye, then two more (the
     // goodbye's own frames are written in the first) before the drop.
@@ -121,7 +126,7 @@ async fn a_client_that_sends_the_http2_preface_and_nothing_more_is_dropped() {
 async fn an_idle_http2_connection_past_its_goodbye_does_not_hold_up_the_drain() {
     let (_upstream, mut proxy) = ok_proxy(|c| c.limits.header_timeout = Duration::from_secs(1)).await;
     let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
-    silent.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+    silent.write_all(PREFACE_AND_SETTINGS).await.unwrap();
     // Frames until the GOAWAY (type 7), after two idle checks (2 s).
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
