@@ -40,8 +40,10 @@ const MAX_HEADERS: usize = 128;
 const MAX_CHUNK_LINE: usize = 4096;
 /// How long a pooled connection may sit unused.
 const POOL_IDLE: Duration = Duration::from_secs(90);
-/// Idle connections kept per upstream.
-const POOL_PER_UPSTREAM: usize = 64;
+/// Idle connections kept per upstream (and per worker: each worker has its
+/// own). nginx's `keepalive 256` keeps as many per worker: a burst of
+/// streams leaves that many for the next burst.
+const POOL_PER_UPSTREAM: usize = 256;
 
 /// Why an upstream exchange failed.
 #[derive(Debug, thiserror::Error)]

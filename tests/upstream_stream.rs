@@ -9,6 +9,8 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -572,4 +574,63 @@ async fn bytes_after_a_complete_response_make_its_connection_unusable() {
     let (request, mut up, _) = sent(&mut upstream, &proxy, "/v1/chat", "{}").await;
     let events = answer(&mut up, request, &length_response("data: b\n\n")).await;
     assert_eq!(datas(&events), ["b"]);
+}
+
+/// A burst of concurrent streams leaves up to 256 idle upstream connections
+/// per worker (nginx's `keepalive 256` in benches/load/nginx.conf), and the
+/// next burst goes out on them: no new connection, no handshake.
+#[tokio::test]
+async fn a_burst_of_256_streams_leaves_its_upstream_connections_for_the_next_burst() {
+    const BURST: usize = 256;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    // Every request of a burst is answered once the whole burst has arrived,
+    // so the burst needs `BURST` connections at once.
+    let (arrived_tx, arrived) = tokio::sync::watch::channel(0usize);
+    let arrived_tx = Arc::new(arrived_tx);
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let (arrived_tx, arrived) = (arrived_tx.clone(), arrived.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    let (arrived_tx, mut arrived) = (arrived_tx.clone(), arrived.clone());
+                    async move {
+                        let mut nth = 0;
+                        arrived_tx.send_modify(|n| {
+                            *n += 1;
+                            nth = *n;
+                        });
+                        let burst_end = nth.div_ceil(BURST) * BURST;
+                        let _ = arrived.wait_for(|n| *n >= burst_end).await;
+                        let body = http_body_util::Full::new(bytes::Bytes::from(format!("data: {nth}\n\n")));
+                        let resp = http::Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(body)
+                            .expect("a valid response");
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    let proxy = Proxy::start(one_worker(addr)).await;
+
+    for burst in 0..2 {
+        let requests: Vec<_> = (0..BURST).map(|_| stream_request(&proxy, "/v1/chat", "{}")).collect();
+        let mut seen = Vec::with_capacity(BURST);
+        for request in requests {
+            let events = parse_sse(&text(response(request).await).await);
+            assert_eq!(events.len(), 1, "{events:?}");
+            seen.push(events[0].data.parse::<usize>().expect("a number"));
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (burst * BURST + 1..=(burst + 1) * BURST).collect::<Vec<_>>());
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), BURST, "upstream connections opened");
 }
