@@ -6,7 +6,7 @@
 //! small and ready with the end, so that both go in one packet), and
 //! watches the socket for the client leaving. In between, the stream runs in a task of its own
 //! (`crate::stream`), which the upstream socket wakes, and each event costs
-//! one `writev` of the chunk's size line, the event and its CRLF, with no
+//! one `send` of the chunk's size line, the event and its CRLF, with no
 //! poll of hyper's dispatcher, its chunk encoder and its queue of buffers
 //! (about a third of the user-space instructions of an event). When the
 //! upstream has more ready at once, the stream gathers it into one chunk
@@ -215,11 +215,34 @@ impl SizeLine {
     }
 }
 
+/// Chunks up to this size (size line and CRLF included) are copied into one
+/// buffer and go out with `send`, larger ones with `writev` of the three
+/// parts. On loopback a `send` of 70 bytes cost 5.7 µs of kernel time
+/// against 6.7 for a `writev` of the same bytes in three parts (medians of 10
+/// runs, the receiver's wake-up included): one segment to copy, no pass
+/// through the file layer. At 2,000 bytes it still saved 0.6 µs; at 4,000
+/// the copy cost more than it saved.
+const COPY_MAX: usize = 2048;
+
 /// Writes what is left of the chunk `size_line`, `data`, CRLF after its
 /// first `written` bytes; whether it is all out.
 fn write_chunk(tcp: &TcpStream, size_line: &SizeLine, data: &[u8], written: &mut usize) -> io::Result<bool> {
     let parts: [&[u8]; 3] = [size_line.as_bytes(), data, b"\r\n"];
     let total = size_line.len + data.len() + 2;
+    if *written == 0 && total <= COPY_MAX {
+        let mut frame = [0u8; COPY_MAX];
+        let mut at = 0;
+        for part in parts {
+            frame[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        match tcp.try_write(&frame[..total]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(w) => *written = w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
     while *written < total {
         let mut skip = *written;
         let mut iov = [IoSlice::new(&[]); 3];
@@ -318,7 +341,57 @@ impl Direct {
 
 #[cfg(test)]
 mod tests {
-    use super::SizeLine;
+    use super::{write_chunk, SizeLine, COPY_MAX};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Chunks of every size around [`COPY_MAX`] written to a socket whose
+    /// reader is not reading, so that some of them go out in part (copied
+    /// ones included), then finished as the reader drains it: the reader
+    /// gets each chunk whole and in order.
+    #[tokio::test]
+    async fn chunks_cut_by_a_full_socket_are_finished_in_order() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let writer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut reader, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&writer).set_send_buffer_size(4096).unwrap();
+        let sizes: Vec<usize> = (0..400).map(|i| 1 + (i * 131) % (COPY_MAX + 200)).collect();
+        let data = |i: usize, len: usize| vec![b'a' + (i % 26) as u8; len];
+        let mut expected = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            expected.extend_from_slice(SizeLine::new(len).as_bytes());
+            expected.extend_from_slice(&data(i, len));
+            expected.extend_from_slice(b"\r\n");
+        }
+        let total = expected.len();
+        let write = tokio::spawn(async move {
+            let mut cut = 0;
+            for (i, &len) in sizes.iter().enumerate() {
+                let (line, chunk, mut written) = (SizeLine::new(len), data(i, len), 0);
+                loop {
+                    writer.writable().await.unwrap();
+                    if write_chunk(&writer, &line, &chunk, &mut written).unwrap() {
+                        break;
+                    }
+                    cut += 1;
+                }
+            }
+            (writer, cut)
+        });
+        let mut got = Vec::with_capacity(total);
+        let mut buf = [0u8; 700];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while got.len() < total {
+                let n = reader.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the writer closed after {} of {total} bytes", got.len());
+                got.extend_from_slice(&buf[..n]);
+            }
+        });
+        assert!(read.await.is_ok(), "{} of {total} bytes arrived within 10 s", got.len());
+        let (_writer, cut) = write.await.unwrap();
+        assert!(cut > 0, "no chunk was cut: the test did not fill the socket");
+        assert!(got == expected, "the bytes differ from the chunks written");
+    }
 
     #[test]
     fn size_lines_are_lowercase_hex() {
