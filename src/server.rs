@@ -276,7 +276,7 @@ async fn accept(
         let conn = Conn { peer, side, tls, app, current: current.clone(), stop: stop.clone() };
         let span = tracing::debug_span!("conn", client = %peer);
         let counted = seat.as_ref().map(Seat::count);
-        tracker.spawn(
+        tracker.spawn(Box::pin(
             async move {
                 let _counted = counted;
                 conn.app.metrics.connections_open.inc();
@@ -285,7 +285,7 @@ async fn accept(
                 drop(permit);
             }
             .instrument(span),
-        );
+        ));
         // One connection per turn of the event loop, as nginx without
         // `multi_accept`: the new connection's request and the open
         // streams' events are served before the next one is taken, so a

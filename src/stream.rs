@@ -218,7 +218,7 @@ fn spawn_stream(
         }
         result
     });
-    AbortOnDropHandle::new(tokio::spawn(tracing::Instrument::in_current_span(task)))
+    AbortOnDropHandle::new(tokio::spawn(Box::pin(tracing::Instrument::in_current_span(task))))
 }
 
 /// A stream task's end as the body's next frame: the frame it left, none,
