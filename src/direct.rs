@@ -224,19 +224,26 @@ impl SizeLine {
 /// the copy cost more than it saved.
 const COPY_MAX: usize = 2048;
 
+thread_local! {
+    /// The buffer a small chunk is copied into: one per worker thread, not
+    /// per stream, and not zeroed for each chunk as a stack array would be.
+    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Writes what is left of the chunk `size_line`, `data`, CRLF after its
 /// first `written` bytes; whether it is all out.
 fn write_chunk(tcp: &TcpStream, size_line: &SizeLine, data: &[u8], written: &mut usize) -> io::Result<bool> {
     let parts: [&[u8]; 3] = [size_line.as_bytes(), data, b"\r\n"];
     let total = size_line.len + data.len() + 2;
     if *written == 0 && total <= COPY_MAX {
-        let mut frame = [0u8; COPY_MAX];
-        let mut at = 0;
-        for part in parts {
-            frame[at..at + part.len()].copy_from_slice(part);
-            at += part.len();
-        }
-        match tcp.try_write(&frame[..total]) {
+        let sent = FRAME.with_borrow_mut(|frame| {
+            frame.clear();
+            for part in parts {
+                frame.extend_from_slice(part);
+            }
+            tcp.try_write(frame)
+        });
+        match sent {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(w) => *written = w,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
