@@ -220,6 +220,36 @@ async fn a_client_that_stops_reading_is_dropped_after_send_timeout_and_its_upstr
     }
 }
 
+/// A client that leaves while the stream's large last event goes out (the
+/// upstream's body has ended by then) did not get the stream whole: it is
+/// counted `client_gone`, not `complete`.
+#[tokio::test]
+async fn a_client_leaving_during_a_large_last_event_is_not_counted_complete() {
+    let mut up = RawUpstream::start().await;
+    let proxy = Proxy::start(config(up.addr)).await;
+    let mut s = small_window_client(proxy.addr).await;
+    s.write_all(&request("GET", "/v1/last", "1.1")).await.unwrap();
+    let mut upstream = up.accept().await;
+    read_head(&mut upstream).await;
+    // 768 KiB: more than the client's window and the socket buffers take
+    // at once. The body's length ends it in the read that completes it.
+    let body = format!("data: first\n\ndata: {}\n\n", "y".repeat(768 * 1024));
+    let answer =
+        format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    let writer = tokio::spawn(async move {
+        upstream.write_all(answer.as_bytes()).await.unwrap();
+        upstream
+    });
+    // The client reads until the large event has begun, then leaves.
+    read_until(&mut s, &mut Vec::new(), b"yyyy").await;
+    drop(s);
+    let _upstream = writer.await.unwrap();
+    let series = "ssegate_streams_ended_total{route=\"/v1\",outcome=\"client_gone\"}";
+    let text = handoff_support::wait_metric(proxy.admin, series, 1.0).await;
+    let complete = "ssegate_streams_ended_total{route=\"/v1\",outcome=\"complete\"}";
+    assert_eq!(handoff_support::metric(&text, complete), 0.0, "{text}");
+}
+
 #[tokio::test]
 async fn a_head_request_gets_no_body_and_the_next_request_its_whole_stream() {
     let (mut up, _proxy, mut s) = start().await;
