@@ -86,3 +86,73 @@ impl Body for PassThrough {
 }
 
 use std::future::Future;
+
+/// Frames an HTTP/2 passed-through body's task may have ready ahead of hyper.
+const RELAY_FRAMES: usize = 4;
+
+/// An HTTP/2 passed-through body, read in a task of its own.
+///
+/// hyper polls an HTTP/2 stream's body only while the client's flow-control
+/// windows have room, so a client that stops reading (and still answers
+/// pings) would leave the upstream's answer unread, and the upstream request
+/// open, for as long as the connection lives. The task hands the frames over
+/// a short channel; when hyper took none of them for `limits.send_timeout`,
+/// the task lets go of the upstream's answer and the client's stream ends in
+/// an error (a reset), not as if it were complete. Event streams do the same
+/// in `crate::stream`.
+pub struct Relayed {
+    frames: tokio::sync::mpsc::Receiver<Frame<Bytes>>,
+    task: Option<tokio_util::task::AbortOnDropHandle<Result<(), BoxError>>>,
+    hint: SizeHint,
+}
+
+impl Relayed {
+    /// Starts reading `body` in a task on the current runtime.
+    pub fn start<B>(body: B, send_timeout: Duration) -> Relayed
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + 'static,
+    {
+        use http_body_util::BodyExt;
+        let hint = body.size_hint();
+        let (tx, frames) = tokio::sync::mpsc::channel(RELAY_FRAMES);
+        let task = tokio::spawn(async move {
+            let mut body = std::pin::pin!(body);
+            while let Some(frame) = body.frame().await {
+                let frame = frame?;
+                match tokio::time::timeout(send_timeout, tx.reserve()).await {
+                    Ok(Ok(permit)) => permit.send(frame),
+                    // hyper let go of the body: the client left.
+                    Ok(Err(_)) => return Ok(()),
+                    Err(_) => return Err(Box::new(crate::send_timeout::Stalled) as BoxError),
+                }
+            }
+            Ok(())
+        });
+        Relayed { frames, task: Some(tokio_util::task::AbortOnDropHandle::new(task)), hint }
+    }
+}
+
+impl Body for Relayed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(frame) = ready!(this.frames.poll_recv(cx)) {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        // Every frame is out: the task's end says how the body ends.
+        let Some(task) = &mut this.task else { return Poll::Ready(None) };
+        let result = ready!(Pin::new(task).poll(cx));
+        this.task = None;
+        match result {
+            Ok(Ok(())) => Poll::Ready(None),
+            Ok(Err(e)) => Poll::Ready(Some(Err(e))),
+            Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint
+    }
+}

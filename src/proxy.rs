@@ -97,7 +97,12 @@ pub async fn forward(
         };
         return Ok(crate::stream::direct_response(app, route, head, body, started, (slot, client_slot), writer));
     }
-    let body = PassThrough::new(body, app.config.limits.idle_timeout, app.drain.clone()).boxed_unsync();
+    let body = PassThrough::new(body, app.config.limits.idle_timeout, app.drain.clone());
+    let body = if parts.version == http::Version::HTTP_2 {
+        crate::passthrough::Relayed::start(body, app.config.limits.send_timeout).boxed_unsync()
+    } else {
+        body.boxed_unsync()
+    };
     Ok(Response::from_parts(head, body))
 }
 

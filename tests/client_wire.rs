@@ -226,14 +226,23 @@ async fn a_client_that_stops_reading_is_dropped_after_send_timeout_and_its_upstr
 #[tokio::test]
 async fn a_client_leaving_during_a_large_last_event_is_not_counted_complete() {
     let mut up = RawUpstream::start().await;
-    let proxy = Proxy::start(config(up.addr)).await;
+    // Three times the most a socket's send buffer grows to
+    // (`net.ipv4.tcp_wmem`), so that the event cannot all be handed to the
+    // kernel before the client leaves.
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20);
+    let size = 3 * wmem_max;
+    let mut cfg = config(up.addr);
+    cfg.limits.max_event_bytes = size as u64 + 1024;
+    let proxy = Proxy::start(cfg).await;
     let mut s = small_window_client(proxy.addr).await;
     s.write_all(&request("GET", "/v1/last", "1.1")).await.unwrap();
     let mut upstream = up.accept().await;
     read_head(&mut upstream).await;
-    // 768 KiB: more than the client's window and the socket buffers take
-    // at once. The body's length ends it in the read that completes it.
-    let body = format!("data: first\n\ndata: {}\n\n", "y".repeat(768 * 1024));
+    // The body's length ends it in the read that completes the large event.
+    let body = format!("data: first\n\ndata: {}\n\n", "y".repeat(size));
     let answer =
         format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}", body.len());
     let writer = tokio::spawn(async move {

@@ -202,6 +202,31 @@ fn h2_reading_client(tls: &Tls) -> reqwest::Client {
         .unwrap()
 }
 
+/// HTTP/2, passed through: an answer that is not an event stream (NDJSON
+/// for a client that did not ask for events) goes on unchanged, and a
+/// client that stops reading it is let go after `limits.send_timeout` as
+/// well. Its stream ends in an error, not as if the answer were complete.
+#[tokio::test]
+async fn an_http2_passed_through_answer_that_is_not_read_is_let_go_after_send_timeout() {
+    let tls = certificate();
+    let mut up = ManualUpstream::start(200, &[("content-type", "application/x-ndjson")]).await;
+    let mut config = support::config(up.addr);
+    config.server.tls = Some(tls.config.clone());
+    config.limits.send_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(config).await;
+    let client = h2_reading_client(&tls);
+    let url = format!("https://localhost:{}/v1/generate", proxy.addr.port());
+    let (resp, feed) = tokio::join!(client.get(&url).send(), up.next());
+    let resp = resp.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let feed = std::sync::Arc::new(feed);
+    let feeder = feed.flood();
+    feed.closed().await;
+    assert!(feeder.await.unwrap(), "the upstream took all 64 MiB");
+    assert!(resp.bytes().await.is_err(), "the answer that was let go ended as if complete");
+}
+
 /// HTTP/2, handoff: a browser that stops reading its stream is let go after
 /// `limits.send_timeout`, as over HTTP/1.1, so that with nobody else
 /// listening the model's work stops after `handoff.resume_grace`.
