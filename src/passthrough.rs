@@ -87,6 +87,17 @@ impl Body for PassThrough {
 
 use std::future::Future;
 
+/// A passed-through body as an HTTP/2 stream gets it: [`Relayed`] unless
+/// it is empty from the start.
+pub fn relayed_on_http2(body: PassThrough, send_timeout: Duration) -> crate::body::ResponseBody {
+    use http_body_util::BodyExt;
+    if body.is_end_stream() {
+        body.boxed_unsync()
+    } else {
+        Relayed::start(body, send_timeout).boxed_unsync()
+    }
+}
+
 /// Frames an HTTP/2 passed-through body's task may have ready ahead of hyper.
 const RELAY_FRAMES: usize = 4;
 
@@ -107,7 +118,10 @@ pub struct Relayed {
 }
 
 impl Relayed {
-    /// Starts reading `body` in a task on the current runtime.
+    /// Starts reading `body` in a task on the current runtime. A body that
+    /// is empty from the start (a `204`, a `304`, an answer to `HEAD`) has
+    /// nothing to wait for: it is not worth a task, and hyper needs to see
+    /// its end at once (see [`relayed_on_http2`]).
     pub fn start<B>(body: B, send_timeout: Duration) -> Relayed
     where
         B: Body<Data = Bytes, Error = BoxError> + Send + 'static,
@@ -115,10 +129,19 @@ impl Relayed {
         use http_body_util::BodyExt;
         let hint = body.size_hint();
         let (tx, frames) = tokio::sync::mpsc::channel(RELAY_FRAMES);
-        let task = tokio::spawn(async move {
-            let mut body = std::pin::pin!(body);
+        let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
+            let mut body = Box::pin(body);
             while let Some(frame) = body.frame().await {
                 let frame = frame?;
+                if body.is_end_stream() {
+                    // The upstream's answer is whole: nothing upstream is
+                    // left to free, so its last frame waits for the client
+                    // for as long as the stream lives, as the last bytes of
+                    // an HTTP/1.1 answer wait in the socket's buffer.
+                    drop(body);
+                    let _ = tx.send(frame).await;
+                    return Ok(());
+                }
                 match tokio::time::timeout(send_timeout, tx.reserve()).await {
                     Ok(Ok(permit)) => permit.send(frame),
                     // hyper let go of the body: the client left.
@@ -127,7 +150,7 @@ impl Relayed {
                 }
             }
             Ok(())
-        });
+        }));
         Relayed { frames, task: Some(tokio_util::task::AbortOnDropHandle::new(task)), hint }
     }
 }
@@ -139,6 +162,9 @@ impl Body for Relayed {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(frame) = ready!(this.frames.poll_recv(cx)) {
+            // The length the upstream announced was for the whole body; hyper
+            // reads it before the first frame.
+            this.hint = SizeHint::default();
             return Poll::Ready(Some(Ok(frame)));
         }
         // Every frame is out: the task's end says how the body ends.
@@ -154,5 +180,74 @@ impl Body for Relayed {
 
     fn size_hint(&self) -> SizeHint {
         self.hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::collections::VecDeque;
+
+    /// A body of `frames`, then either its end (known with the last frame)
+    /// or nothing more, ever: an upstream that still has more to send.
+    struct Frames {
+        frames: VecDeque<Bytes>,
+        then_more: bool,
+    }
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.frames.pop_front() {
+                Some(f) => Poll::Ready(Some(Ok(Frame::data(f)))),
+                None if self.then_more => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.frames.is_empty() && !self.then_more
+        }
+    }
+
+    fn frames(n: usize, then_more: bool) -> Frames {
+        Frames { frames: (0..n).map(|i| Bytes::from(format!("frame {i}"))).collect(), then_more }
+    }
+
+    /// Reads `body` to its end: the frames, and whether it ended in an error.
+    async fn read_all(mut body: Relayed) -> (Vec<Bytes>, bool) {
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => got.push(f.into_data().expect("a data frame")),
+                Err(_) => return (got, true),
+            }
+        }
+        (got, false)
+    }
+
+    /// A reader that takes nothing for longer than `send_timeout` while the
+    /// upstream still has more: the queued frames, then an error.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_nobody_takes_from_is_cut_after_send_timeout() {
+        let body = Relayed::start(frames(RELAY_FRAMES + 1, true), Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (got, cut) = read_all(body).await;
+        assert_eq!(got.len(), RELAY_FRAMES);
+        assert!(cut, "a body the upstream had not finished ended as if complete");
+    }
+
+    /// The same pause on an answer the upstream has finished: nothing is
+    /// left to free upstream, so its last frame waits and it arrives whole.
+    #[tokio::test(start_paused = true)]
+    async fn a_finished_answer_waits_for_a_slow_reader() {
+        let body = Relayed::start(frames(RELAY_FRAMES + 1, false), Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (got, cut) = read_all(body).await;
+        assert_eq!(got, (0..=RELAY_FRAMES).map(|i| Bytes::from(format!("frame {i}"))).collect::<Vec<_>>());
+        assert!(!cut, "a finished answer was cut");
     }
 }

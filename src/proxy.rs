@@ -99,7 +99,7 @@ pub async fn forward(
     }
     let body = PassThrough::new(body, app.config.limits.idle_timeout, app.drain.clone());
     let body = if parts.version == http::Version::HTTP_2 {
-        crate::passthrough::Relayed::start(body, app.config.limits.send_timeout).boxed_unsync()
+        crate::passthrough::relayed_on_http2(body, app.config.limits.send_timeout)
     } else {
         body.boxed_unsync()
     };
