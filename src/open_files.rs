@@ -8,9 +8,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 /// Descriptors besides the streams' own: standard streams, the listeners
 /// and each worker's copy of them, the runtimes' epoll and wake-up
 /// descriptors, admin connections, Redis. Idle pooled upstream connections
-/// (up to 256 per upstream and worker) are not counted here: each is kept
-/// from a stream that ended, in the place of that stream's upstream
-/// descriptor.
+/// are not counted: the streaming client keeps up to 256 per upstream and
+/// worker, the pooled client for other requests has no cap, and they come
+/// from requests that ended, mostly in the place of their descriptors.
 pub const HEADROOM: u64 = 64;
 
 /// The open files `max_connections` needs: two per connection (a client's

@@ -68,8 +68,8 @@ async fn http2_is_negotiated_over_tls() {
 }
 
 /// HTTP/2: answers without a body (a `204`, an answer to `HEAD`) pass
-/// through as they came, with no `content-length` added, and a body that
-/// is known whole arrives whole with its length.
+/// through as they came, with no `content-length` added, and an answer with
+/// a body arrives whole.
 #[tokio::test]
 async fn http2_answers_without_a_body_pass_through_unchanged() {
     let tls = certificate();

@@ -584,7 +584,8 @@ async fn a_burst_of_256_streams_leaves_its_upstream_connections_for_the_next_bur
     const BURST: usize = 256;
     // Four descriptors per stream in this one process (the client's, the
     // proxy's two, the upstream's): above a shell's default 1,024.
-    ssegate::open_files::prepare(2 * BURST).expect("the open-files limit");
+    let files = ssegate::open_files::prepare(2 * BURST).expect("the open-files limit");
+    assert!(files.limit >= files.needed, "this test needs {} open files; the limit is {}", files.needed, files.limit);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
