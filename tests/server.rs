@@ -148,20 +148,25 @@ async fn an_idle_http2_connection_past_its_goodbye_does_not_hold_up_the_drain() 
     assert!(started.elapsed() < Duration::from_millis(900), "the drain took {:?}", started.elapsed());
 }
 
+/// A proxy with a 300 ms `header_timeout` in front of an upstream whose
+/// event stream runs 1.2 s (12 events 100 ms apart): four header_timeouts.
+async fn slow_stream_proxy() -> (Upstream, Proxy) {
+    let event: &[u8] = b"data: tick\n\n";
+    let upstream =
+        Upstream::start(move |_| Reply::chunks("text/event-stream", &[event; 12]).paced(Duration::from_millis(100)))
+            .await;
+    let mut config = support::config(upstream.addr);
+    config.limits.header_timeout = Duration::from_millis(300);
+    (upstream, Proxy::start(config).await)
+}
+
 /// An HTTP/2 client (which answers pings) keeps its connection while a
 /// stream runs, however long, and loses it once it has had no request open
 /// for `header_timeout`, as an idle HTTP/1.1 connection does.
 #[tokio::test]
 async fn an_http2_connection_is_kept_while_a_stream_runs_and_closed_once_idle() {
     use http_body_util::BodyExt;
-    let event: &[u8] = b"data: tick\n\n";
-    // 12 events 100 ms apart: 1.2 s, four header_timeouts.
-    let upstream =
-        Upstream::start(move |_| Reply::chunks("text/event-stream", &[event; 12]).paced(Duration::from_millis(100)))
-            .await;
-    let mut config = support::config(upstream.addr);
-    config.limits.header_timeout = Duration::from_millis(300);
-    let proxy = Proxy::start(config).await;
+    let (_upstream, proxy) = slow_stream_proxy().await;
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut send, conn) =
         hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
@@ -183,6 +188,79 @@ async fn an_http2_connection_is_kept_while_a_stream_runs_and_closed_once_idle() 
     let idle = ended.elapsed();
     assert!(idle >= Duration::from_millis(250), "closed before header_timeout: {idle:?}");
     assert!(idle < Duration::from_secs(3), "closed late: {idle:?}");
+}
+
+/// An HTTP/2 frame: its 9-byte head and `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Reads one HTTP/2 frame: (type, flags, stream, payload).
+async fn read_h2_frame(s: &mut TcpStream) -> (u8, u8, u32, Vec<u8>) {
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.expect("the connection ended before a whole frame");
+    let mut payload = vec![0u8; u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize];
+    s.read_exact(&mut payload).await.expect("the connection ended inside a frame");
+    (head[3], head[4], u32::from_be_bytes([head[5] & 0x7f, head[6], head[7], head[8]]), payload)
+}
+
+/// The goodbye race: a request that a client sent after the proxy's
+/// goodbye (`GOAWAY`) left but before it arrived is still served whole,
+/// however long it runs; the connection is closed once it is idle again.
+/// The client here never answers the goodbye's ping, so the proxy never
+/// sends its final `GOAWAY` that would refuse new streams.
+#[tokio::test]
+async fn an_http2_request_sent_as_the_goodbye_arrives_is_served_whole() {
+    let (_upstream, proxy) = slow_stream_proxy().await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(PREFACE_AND_SETTINGS).await.unwrap();
+    // Nothing open: the goodbye comes after two idle checks.
+    tokio::time::timeout(Duration::from_secs(5), async { while read_h2_frame(&mut s).await.0 != 7 {} })
+        .await
+        .expect("no GOAWAY");
+    // HEADERS for stream 1, END_HEADERS and END_STREAM; HPACK literals
+    // without indexing: GET, http, then :path, :authority and accept.
+    let mut block = vec![0x82, 0x86];
+    for (index, value) in [(&[0x04u8][..], "/v1/slow"), (&[0x01], "localhost"), (&[0x0f, 0x04], "text/event-stream")] {
+        block.extend_from_slice(index);
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    s.write_all(&h2_frame(1, 0x5, 1, &block)).await.unwrap();
+    let sent = Instant::now();
+    let mut body = Vec::new();
+    let mut status = None;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (kind, flags, stream, payload) = read_h2_frame(&mut s).await;
+            assert_ne!(kind, 3, "the stream was reset");
+            match (kind, stream) {
+                // HEADERS: `:status 200` is static table entry 8.
+                (1, 1) => status = payload.first().copied(),
+                (0, 1) => {
+                    body.extend_from_slice(&payload);
+                    if flags & 0x1 != 0 {
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the stream did not end within 10 s");
+    assert_eq!(status, Some(0x88), "not a 200");
+    let events = parse_sse(std::str::from_utf8(&body).unwrap());
+    assert_eq!(events.len(), 12, "{events:?}");
+    assert!(sent.elapsed() >= Duration::from_millis(1000), "served in {:?}", sent.elapsed());
+    // Idle again, and past its goodbye: closed.
+    let ended = Instant::now();
+    until_closed(&mut s).await;
+    assert!(ended.elapsed() < Duration::from_secs(3), "closed late: {:?}", ended.elapsed());
 }
 
 #[tokio::test]
