@@ -4,13 +4,14 @@
 //! hyper still reads the requests, writes each response head and the
 //! chunked body's last chunk (with the stream's last frame when that is
 //! small and ready with the end, so that both go in one packet), and
-//! watches the socket for the client leaving. In between, the stream runs in a task of its own
-//! (`crate::stream`), which the upstream socket wakes, and each event costs
-//! one `send` of the chunk's size line, the event and its CRLF, with no
-//! poll of hyper's dispatcher, its chunk encoder and its queue of buffers
-//! (about a third of the user-space instructions of an event). When the
-//! upstream has more ready at once, the stream gathers it into one chunk
-//! (up to 64 KiB) first.
+//! watches the socket for the client leaving. In between, the stream runs
+//! in a task of its own (`crate::stream`), which the upstream socket wakes,
+//! and each event costs one `send` of the chunk's size line, the event and
+//! its CRLF (a `writev` of the three for a chunk over 2 KiB), with no poll
+//! of hyper's dispatcher, its chunk encoder and its queue of buffers (about
+//! a third of the user-space instructions of an event). When the upstream
+//! has more ready at once, the stream gathers it into one chunk (up to 64
+//! KiB) first.
 //!
 //! The order on the wire stays right because the stream only writes when
 //! hyper's buffer is empty: hyper flushes its socket (`poll_flush`) only

@@ -1,6 +1,7 @@
 //! A response body passed through unchanged: each upstream chunk is written
 //! on as soon as it arrives, under `idle_timeout` and the drain deadline.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -85,16 +86,16 @@ impl Body for PassThrough {
     }
 }
 
-use std::future::Future;
-
-/// A passed-through body as an HTTP/2 stream gets it: [`Relayed`] unless
-/// it is empty from the start.
-pub fn relayed_on_http2(body: PassThrough, send_timeout: Duration) -> crate::body::ResponseBody {
-    use http_body_util::BodyExt;
-    if body.is_end_stream() {
-        body.boxed_unsync()
-    } else {
-        Relayed::start(body, send_timeout).boxed_unsync()
+impl PassThrough {
+    /// The body as a response to a `version` request gets it: on HTTP/2 read
+    /// by a [`Relayed`] task, unless it is empty from the start.
+    pub fn into_response_body(self, version: http::Version, send_timeout: Duration) -> crate::body::ResponseBody {
+        use http_body_util::BodyExt;
+        if version == http::Version::HTTP_2 && !self.is_end_stream() {
+            Relayed::start(self, send_timeout).boxed_unsync()
+        } else {
+            self.boxed_unsync()
+        }
     }
 }
 
@@ -126,7 +127,7 @@ impl Relayed {
     /// Starts reading `body` in a task on the current runtime. A body that
     /// is empty from the start (a `204`, a `304`, an answer to `HEAD`) has
     /// nothing to wait for: it is not worth a task, and hyper needs to see
-    /// its end at once (see [`relayed_on_http2`]).
+    /// its end at once (see [`PassThrough::into_response_body`]).
     pub fn start<B>(body: B, send_timeout: Duration) -> Relayed
     where
         B: Body<Data = Bytes, Error = BoxError> + Send + 'static,

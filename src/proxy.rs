@@ -97,12 +97,8 @@ pub async fn forward(
         };
         return Ok(crate::stream::direct_response(app, route, head, body, started, (slot, client_slot), writer));
     }
-    let body = PassThrough::new(body, app.config.limits.idle_timeout, app.drain.clone());
-    let body = if parts.version == http::Version::HTTP_2 {
-        crate::passthrough::relayed_on_http2(body, app.config.limits.send_timeout)
-    } else {
-        body.boxed_unsync()
-    };
+    let body = PassThrough::new(body, app.config.limits.idle_timeout, app.drain.clone())
+        .into_response_body(parts.version, app.config.limits.send_timeout);
     Ok(Response::from_parts(head, body))
 }
 
