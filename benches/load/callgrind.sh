@@ -9,10 +9,12 @@
 #   STREAMS=200 EVENTS=1 benches/load/callgrind.sh     # set-up: instructions per stream
 #   TARGET=nginx benches/load/callgrind.sh             # the same for nginx (one process, one worker)
 #
-# SSEGATE_BIN picks another ssegate binary. The count covers everything the
-# worker does from the first connection of the measured run to its last
-# event (set-up included), after a warm-up run of 10 streams. Ports 18080
-# (fake upstream) and 18081/18091 (ssegate or nginx) on 127.0.0.1.
+# SSEGATE_BIN picks another ssegate binary; CG_EXTRA adds valgrind options
+# (`CG_EXTRA=--cache-sim=yes`: cache misses too, in the profile's columns).
+# The count covers everything the worker does from the first connection of
+# the measured run to its last event (set-up included), after a warm-up run
+# of 10 streams. Ports 18080 (fake upstream) and 18081/18091 (ssegate or
+# nginx) on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -33,7 +35,7 @@ ports_free 18080 18081 18091 || exit 1
 pids+=($!)
 ssegate_config "$out/ssegate.toml" 127.0.0.1:18081 127.0.0.1:18091 127.0.0.1:18080 "workers = 1"
 rm -f "$out"/callgrind.out*
-callgrind=(valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" --dump-instr=no)
+callgrind=(valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" --dump-instr=no ${CG_EXTRA:-})
 case $target in
   ssegate) RUST_LOG=warn "${callgrind[@]}" "$ssegate" --config "$out/ssegate.toml" 2>"$out/valgrind.log" & ;;
   nginx)

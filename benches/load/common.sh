@@ -100,3 +100,34 @@ load_binaries() {
     exit 1
   fi
 }
+
+# llvm_major: the major version of the LLVM inside the rustc that builds.
+llvm_major() {
+  rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p'
+}
+
+# pgo_rustflags DIR: sets rustflags to build with the profile that
+# benches/load/pgo.sh made for this rustc's LLVM (unpacked into DIR, under a
+# name that changes with the profile, so that cargo rebuilds when it does),
+# or to nothing when there is none or PGO=0; says which.
+pgo_rustflags() {
+  local profile sum unpacked
+  rustflags=""
+  profile=benches/load/ssegate.llvm$(llvm_major).profdata.xz
+  if [ "${PGO:-1}" = 0 ]; then
+    echo "ssegate without profile-guided optimisation (PGO=0)"
+  elif [ ! -e "$profile" ]; then
+    echo "ssegate without profile-guided optimisation: no $profile (benches/load/pgo.sh makes it)"
+  else
+    command -v xz >/dev/null || apt_install xz-utils
+    sum=$(sha256sum "$profile" | cut -c1-16)
+    unpacked=$1/ssegate-$sum.profdata
+    if [ ! -e "$unpacked" ]; then
+      mkdir -p "$1"
+      xz -dc "$profile" >"$unpacked.part"
+      mv "$unpacked.part" "$unpacked"
+    fi
+    rustflags="-Cprofile-use=$unpacked"
+    echo "ssegate with profile-guided optimisation ($profile)"
+  fi
+}

@@ -59,13 +59,19 @@ fi
 # Its own target directory: the jemalloc choice is part of the build, and a
 # plain `cargo build --release` in target/ is left as it was.
 build_dir=$root/target/load-build
+# Profile-guided optimisation with the profile benches/load/pgo.sh made
+# (PGO=0: without). The flags apply to the whole build, so the load client's
+# dependencies (tokio, hyper) are built with the profile's counts too; the
+# client is the same for every target.
+pgo_rustflags "$build_dir"
 if [ -n "${LOAD_VENDORED_JEMALLOC:-}" ]; then
   echo "building (cargo build --release -p ssegate -p ssegate-load, vendored jemalloc)"
-  CARGO_TARGET_DIR=$build_dir/vendored cargo build --release -q -p ssegate -p ssegate-load
+  RUSTFLAGS=$rustflags CARGO_TARGET_DIR=$build_dir/vendored cargo build --release -q -p ssegate -p ssegate-load
   bin_dir=$build_dir/vendored/release
 else
   echo "building (cargo build --release -p ssegate -p ssegate-load, JEMALLOC_OVERRIDE=$jemalloc_a)"
-  JEMALLOC_OVERRIDE=$jemalloc_a CARGO_TARGET_DIR=$build_dir/debian cargo build --release -q -p ssegate -p ssegate-load
+  RUSTFLAGS=$rustflags JEMALLOC_OVERRIDE=$jemalloc_a CARGO_TARGET_DIR=$build_dir/debian \
+    cargo build --release -q -p ssegate -p ssegate-load
   bin_dir=$build_dir/debian/release
 fi
 load=$bin_dir/ssegate-load
