@@ -35,7 +35,8 @@ ports_free 18080 18081 18091 || exit 1
 pids+=($!)
 ssegate_config "$out/ssegate.toml" 127.0.0.1:18081 127.0.0.1:18091 127.0.0.1:18080 "workers = 1"
 rm -f "$out"/callgrind.out*
-callgrind=(valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" --dump-instr=no ${CG_EXTRA:-})
+read -ra cg_extra <<<"${CG_EXTRA:-}"
+callgrind=(valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" --dump-instr=no "${cg_extra[@]}")
 case $target in
   ssegate) RUST_LOG=warn "${callgrind[@]}" "$ssegate" --config "$out/ssegate.toml" 2>"$out/valgrind.log" & ;;
   nginx)

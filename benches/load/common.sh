@@ -99,25 +99,35 @@ load_binaries() {
     echo "error: $load or $ssegate is missing; run benches/load/run.sh first" >&2
     exit 1
   fi
+  # How run.sh built it (with or without PGO).
+  if [ -z "${SSEGATE_BIN:-}" ] && [ -e "$bin_dir/ssegate.build" ]; then
+    cat "$bin_dir/ssegate.build"
+  fi
 }
 
-# llvm_major: the major version of the LLVM inside the rustc that builds.
-llvm_major() {
-  rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p'
+# rustc_release: the release of the rustc that builds (1.95.0). A PGO profile
+# names functions by their symbols, which carry hashes of the rustc release:
+# a profile is of use only to the release that made it.
+rustc_release() {
+  ${RUSTC:-rustc} -V | sed -n 's/^rustc \([^ ]*\).*/\1/p'
 }
 
 # pgo_rustflags DIR: sets rustflags to build with the profile that
-# benches/load/pgo.sh made for this rustc's LLVM (unpacked into DIR, under a
-# name that changes with the profile, so that cargo rebuilds when it does),
-# or to nothing when there is none or PGO=0; says which.
+# benches/load/pgo.sh made with this rustc release (unpacked into DIR, under
+# a name that changes with the profile, so that cargo rebuilds when it
+# does), or to nothing when there is none or PGO=0; sets pgo_note to which,
+# and says it.
 pgo_rustflags() {
-  local profile sum unpacked
+  local release profile sum unpacked others
   rustflags=""
-  profile=benches/load/ssegate.llvm$(llvm_major).profdata.xz
+  release=$(rustc_release)
+  profile=benches/load/ssegate-rustc$release.profdata.xz
   if [ "${PGO:-1}" = 0 ]; then
-    echo "ssegate without profile-guided optimisation (PGO=0)"
+    pgo_note="ssegate without profile-guided optimisation (PGO=0)"
   elif [ ! -e "$profile" ]; then
-    echo "ssegate without profile-guided optimisation: no $profile (benches/load/pgo.sh makes it)"
+    others=$(cd benches/load && ls ssegate-rustc*.profdata.xz 2>/dev/null | tr '\n' ' ')
+    others=${others% }
+    pgo_note="ssegate without profile-guided optimisation: no profile for rustc $release (there is: ${others:-none}; benches/load/pgo.sh makes one)"
   else
     command -v xz >/dev/null || apt_install xz-utils
     sum=$(sha256sum "$profile" | cut -c1-16)
@@ -128,6 +138,7 @@ pgo_rustflags() {
       mv "$unpacked.part" "$unpacked"
     fi
     rustflags="-Cprofile-use=$unpacked"
-    echo "ssegate with profile-guided optimisation ($profile)"
+    pgo_note="ssegate with profile-guided optimisation ($profile)"
   fi
+  echo "$pgo_note"
 }

@@ -3,10 +3,11 @@
 # (profile-guided optimisation, PGO): builds an instrumented ssegate, sends
 # it small runs of the harness's scenarios and of the other shapes a model
 # server streams (NDJSON, plain text, the handoff's POST), and merges what it
-# counted into benches/load/ssegate.llvmN.profdata.xz, N being the LLVM major
-# version of this rustc (a profile is read only by the LLVM that wrote it, or
-# a newer one). llvm-profdata of that version and xz are installed with
-# apt-get when missing.
+# counted into benches/load/ssegate-rustcR.profdata.xz, R being this rustc's
+# release: the profile names functions by their symbols, which carry hashes
+# of the rustc release (and of the crates' versions, Cargo.lock's), so
+# run.sh uses it only with that release. llvm-profdata of this rustc's LLVM
+# major version and xz are installed with apt-get when missing.
 #
 #   benches/load/pgo.sh
 #
@@ -19,7 +20,12 @@ root=$PWD
 # shellcheck source=benches/load/common.sh
 . benches/load/common.sh
 
-major=$(llvm_major)
+release=$(rustc_release)
+major=$(${RUSTC:-rustc} -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+if [ -z "$release" ] || [ -z "$major" ]; then
+  echo "error: rustc -vV names no release or LLVM version" >&2
+  exit 1
+fi
 profdata=$(command -v "llvm-profdata-$major" || true)
 [ -n "$profdata" ] || profdata=/usr/lib/llvm-$major/bin/llvm-profdata
 [ -x "$profdata" ] || apt_install "llvm-$major"
@@ -48,6 +54,7 @@ ssegate_config "$out/ssegate.toml" 127.0.0.1:18081 127.0.0.1:18091 127.0.0.1:180
 # macros that ran in the build wrote theirs under $out/build).
 LLVM_PROFILE_FILE=$out/ssegate-%p.profraw RUST_LOG=warn "$ssegate" --config "$out/ssegate.toml" 2>"$out/ssegate.log" &
 sg=$!
+pids+=("$sg")
 wait_port 18081 ssegate
 
 url=http://127.0.0.1:18081
@@ -63,11 +70,23 @@ train --scenario handoff --streams 50 --handoff --spread-ms 20 \
   --url "$url/handoff/v1/stream?n=50&size=64&interval_ms=20&format=sse"
 train --scenario large --streams 5 --url "$url/v1/stream?n=50&size=65536&interval_ms=0&format=sse"
 train --scenario idle --streams 2000 --idle-hold-ms 500 --url "$url/v1/stream?n=2&size=64&interval_ms=60000&format=sse"
+if grep -q '"errors":[1-9]' "$out/client.jsonl"; then
+  echo "error: streams failed in training (see $out/client.jsonl and $out/ssegate.log)" >&2
+  exit 1
+fi
 # The counts are written when the process exits.
-kill -TERM "$sg"
+if ! kill -TERM "$sg" 2>/dev/null; then
+  echo "error: ssegate exited during training (see $out/ssegate.log)" >&2
+  exit 1
+fi
 wait "$sg" || true
 
-profile=benches/load/ssegate.llvm$major.profdata.xz
+profile=benches/load/ssegate-rustc$release.profdata.xz
+if ! compgen -G "$out/ssegate-*.profraw" >/dev/null; then
+  echo "error: ssegate wrote no profile (see $out/ssegate.log)" >&2
+  exit 1
+fi
 "$profdata" merge --sparse -o "$out/ssegate.profdata" "$out"/ssegate-*.profraw
-xz -9 -c "$out/ssegate.profdata" >"$profile"
+xz -9 -c "$out/ssegate.profdata" >"$profile.part"
+mv "$profile.part" "$profile"
 echo "wrote $profile ($(wc -c <"$profile") bytes) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo ' with changes in src/')"

@@ -14,6 +14,9 @@
 # at most for the machine to be idle before starting. SCENARIOS (default
 # "idle typing handoff fanin flat large") picks which scenarios run, SSEGATE_BIN
 # (default: the one this script builds) which ssegate binary is measured.
+# ssegate is built with profile-guided optimisation from the profile
+# benches/load/pgo.sh made for this rustc release, when there is one; PGO=0
+# builds it without (the first lines of the output say which).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -61,19 +64,24 @@ fi
 build_dir=$root/target/load-build
 # Profile-guided optimisation with the profile benches/load/pgo.sh made
 # (PGO=0: without). The flags apply to the whole build, so the load client's
-# dependencies (tokio, hyper) are built with the profile's counts too; the
-# client is the same for every target.
+# dependencies (tokio, hyper) are built with the profile's counts too: the
+# same client for every target, but not the same as before PGO (2026-11-24).
 pgo_rustflags "$build_dir"
+build_env=()
+[ -z "$rustflags" ] || build_env+=("RUSTFLAGS=$rustflags")
 if [ -n "${LOAD_VENDORED_JEMALLOC:-}" ]; then
   echo "building (cargo build --release -p ssegate -p ssegate-load, vendored jemalloc)"
-  RUSTFLAGS=$rustflags CARGO_TARGET_DIR=$build_dir/vendored cargo build --release -q -p ssegate -p ssegate-load
+  build_env+=("CARGO_TARGET_DIR=$build_dir/vendored")
   bin_dir=$build_dir/vendored/release
 else
   echo "building (cargo build --release -p ssegate -p ssegate-load, JEMALLOC_OVERRIDE=$jemalloc_a)"
-  RUSTFLAGS=$rustflags JEMALLOC_OVERRIDE=$jemalloc_a CARGO_TARGET_DIR=$build_dir/debian \
-    cargo build --release -q -p ssegate -p ssegate-load
+  build_env+=("JEMALLOC_OVERRIDE=$jemalloc_a" "CARGO_TARGET_DIR=$build_dir/debian")
   bin_dir=$build_dir/debian/release
 fi
+env "${build_env[@]}" cargo build --release -q -p ssegate -p ssegate-load
+# For the helpers that measure this build (callgrind.sh, syscalls.sh, first_burst.sh).
+echo "$pgo_note; built by run.sh from $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $(date -u '+%Y-%m-%d %H:%M UTC')" \
+  >"$bin_dir/ssegate.build"
 load=$bin_dir/ssegate-load
 ssegate=${SSEGATE_BIN:-$bin_dir/ssegate}
 
