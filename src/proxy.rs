@@ -115,6 +115,12 @@ pub fn upstream_request<B>(
     build_request(route, parts.method.clone(), parts.uri.path(), parts.uri.query(), headers, body)
 }
 
+// Names parsed once, at compile time (`from_static` outside a static or
+// const parses its text at every call).
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// The client's end-to-end headers plus `X-Forwarded-*`, as they go
 /// upstream before the route's headers are set (a handoff stores these).
 ///
@@ -132,9 +138,7 @@ pub fn forwarded_headers(
         .cloned()
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     let named = connection_named(src);
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let xfp = HeaderName::from_static("x-forwarded-proto");
-    let xfh = HeaderName::from_static("x-forwarded-host");
+    let (xff, xfp, xfh) = (X_FORWARDED_FOR.clone(), X_FORWARDED_PROTO.clone(), X_FORWARDED_HOST.clone());
     // One pass over the client's headers: hop-by-hop ones, `Host`, and the
     // ones set below are left out.
     let mut headers = HeaderMap::with_capacity(src.len() + 4);

@@ -54,8 +54,12 @@ pub fn event_stream_head(head: &mut response::Parts) {
     }
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-transform"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
 }
+
+/// Parsed once, at compile time: a name given as text to `insert` is
+/// parsed at every call.
+static X_ACCEL_BUFFERING: header::HeaderName = header::HeaderName::from_static("x-accel-buffering");
 
 /// Re-frames a direct-mode upstream response as an event stream.
 pub fn direct_response(
