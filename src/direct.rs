@@ -358,11 +358,11 @@ mod tests {
     /// ones included), then finished as the reader drains it: the reader
     /// gets each chunk whole and in order.
     #[tokio::test]
-    async fn chunks_cut_by_a_full_socket_are_finished_in_order() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let writer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (mut reader, _) = listener.accept().await.unwrap();
-        socket2::SockRef::from(&writer).set_send_buffer_size(4096).unwrap();
+    async fn chunks_cut_by_a_full_socket_are_finished_in_order() -> Result<(), Box<dyn std::error::Error>> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let writer = TcpStream::connect(listener.local_addr()?).await?;
+        let (mut reader, _) = listener.accept().await?;
+        socket2::SockRef::from(&writer).set_send_buffer_size(4096)?;
         let sizes: Vec<usize> = (0..400).map(|i| 1 + (i * 131) % (COPY_MAX + 200)).collect();
         let data = |i: usize, len: usize| vec![b'a' + (i % 26) as u8; len];
         let mut expected = Vec::new();
@@ -377,28 +377,33 @@ mod tests {
             for (i, &len) in sizes.iter().enumerate() {
                 let (line, chunk, mut written) = (SizeLine::new(len), data(i, len), 0);
                 loop {
-                    writer.writable().await.unwrap();
-                    if write_chunk(&writer, &line, &chunk, &mut written).unwrap() {
+                    writer.writable().await?;
+                    if write_chunk(&writer, &line, &chunk, &mut written)? {
                         break;
                     }
                     cut += 1;
                 }
             }
-            (writer, cut)
+            Ok::<_, std::io::Error>((writer, cut))
         });
         let mut got = Vec::with_capacity(total);
         let mut buf = [0u8; 700];
         let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
             while got.len() < total {
-                let n = reader.read(&mut buf).await.unwrap();
+                let n = reader.read(&mut buf).await?;
                 assert!(n > 0, "the writer closed after {} of {total} bytes", got.len());
                 got.extend_from_slice(&buf[..n]);
             }
+            Ok::<_, std::io::Error>(())
         });
-        assert!(read.await.is_ok(), "{} of {total} bytes arrived within 10 s", got.len());
-        let (_writer, cut) = write.await.unwrap();
+        match read.await {
+            Ok(r) => r?,
+            Err(_) => panic!("{} of {total} bytes arrived within 10 s", got.len()),
+        }
+        let (_writer, cut) = write.await??;
         assert!(cut > 0, "no chunk was cut: the test did not fill the socket");
         assert!(got == expected, "the bytes differ from the chunks written");
+        Ok(())
     }
 
     #[test]
