@@ -234,12 +234,12 @@ impl Client {
     }
 
     async fn connect(&self, key: &Key) -> Result<Io, H1Error> {
-        let name = key.name();
+        // The name only goes into errors: formatted when one happens.
+        let name = || key.name();
         let connect = async {
-            let addrs = tokio::net::lookup_host((key.bare_host(), key.port))
-                .await
-                .map_err(|e| H1Error::Connect(name.clone(), e))?;
-            let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
+            let addrs =
+                tokio::net::lookup_host((key.bare_host(), key.port)).await.map_err(|e| H1Error::Connect(name(), e))?;
+            let mut last = None;
             let mut tcp = None;
             for addr in addrs {
                 match TcpStream::connect(addr).await {
@@ -247,22 +247,25 @@ impl Client {
                         tcp = Some(s);
                         break;
                     }
-                    Err(e) => last = e,
+                    Err(e) => last = Some(e),
                 }
             }
-            let tcp = tcp.ok_or_else(|| H1Error::Connect(name.clone(), last))?;
+            let tcp = tcp.ok_or_else(|| {
+                let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the host has no address"));
+                H1Error::Connect(name(), e)
+            })?;
             let _ = tcp.set_nodelay(true);
             if !key.tls {
                 return Ok(Io::Plain(tcp));
             }
             let server = rustls::pki_types::ServerName::try_from(key.bare_host().to_string())
-                .map_err(|e| H1Error::Tls(name.clone(), io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-            let tls = self.tls.connect(server, tcp).await.map_err(|e| H1Error::Tls(name.clone(), e))?;
+                .map_err(|e| H1Error::Tls(name(), io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+            let tls = self.tls.connect(server, tcp).await.map_err(|e| H1Error::Tls(name(), e))?;
             Ok(Io::Tls(Box::new(tls)))
         };
         match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(r) => r,
-            Err(_) => Err(H1Error::ConnectTimeout(name, self.connect_timeout)),
+            Err(_) => Err(H1Error::ConnectTimeout(name(), self.connect_timeout)),
         }
     }
 

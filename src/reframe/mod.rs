@@ -47,6 +47,15 @@ pub enum Wire {
     Text,
 }
 
+/// The media types read as NDJSON when `format = "auto"`.
+const NDJSON_TYPES: [&str; 5] = [
+    "application/x-ndjson",
+    "application/ndjson",
+    "application/jsonl",
+    "application/x-jsonlines",
+    "application/json-seq",
+];
+
 impl Wire {
     /// Picks the format: the route's when set, else from the content type.
     pub fn choose(format: Format, headers: &HeaderMap) -> Wire {
@@ -54,15 +63,10 @@ impl Wire {
             Format::Sse => Wire::Sse,
             Format::Ndjson => Wire::Ndjson,
             Format::Text => Wire::Text,
-            Format::Auto => match crate::proxy::media_type(headers).map(str::to_ascii_lowercase).as_deref() {
-                Some("text/event-stream") => Wire::Sse,
-                Some(
-                    "application/x-ndjson"
-                    | "application/ndjson"
-                    | "application/jsonl"
-                    | "application/x-jsonlines"
-                    | "application/json-seq",
-                ) => Wire::Ndjson,
+            // Compared without case, in place (no lowercase copy).
+            Format::Auto => match crate::proxy::media_type(headers) {
+                Some(t) if t.eq_ignore_ascii_case("text/event-stream") => Wire::Sse,
+                Some(t) if NDJSON_TYPES.iter().any(|n| t.eq_ignore_ascii_case(n)) => Wire::Ndjson,
                 _ => Wire::Text,
             },
         }
