@@ -149,6 +149,10 @@ pub struct LimitsConfig {
     pub header_timeout: Duration,
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
+    /// How long the addresses of an upstream host name are used for new
+    /// connections before it is looked up again (`crate::resolve`).
+    #[serde(deserialize_with = "duration")]
+    pub dns_ttl: Duration,
     #[serde(deserialize_with = "duration")]
     pub first_byte_timeout: Duration,
     #[serde(deserialize_with = "duration")]
@@ -171,6 +175,7 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             header_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            dns_ttl: Duration::from_secs(30),
             first_byte_timeout: Duration::from_secs(120),
             idle_timeout: Duration::from_secs(120),
             send_timeout: Duration::from_secs(60),

@@ -27,6 +27,8 @@ use http_body::Frame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::resolve::Resolver;
+
 /// Bytes read for a response head at a time (nginx's `proxy_buffer_size`).
 const READ_SIZE: usize = 4096;
 /// The body's read size adapts between these: it doubles while reads fill
@@ -193,13 +195,15 @@ impl std::hash::Hasher for Fnv {
 pub struct Client {
     tls: tokio_rustls::TlsConnector,
     connect_timeout: Duration,
+    resolver: Arc<Resolver>,
     pool: Pool,
 }
 
 impl Client {
-    /// A client that connects (TCP and TLS) within `connect_timeout`.
-    pub fn new(tls: Arc<rustls::ClientConfig>, connect_timeout: Duration) -> Client {
-        Client { tls: tokio_rustls::TlsConnector::from(tls), connect_timeout, pool: Pool::default() }
+    /// A client that connects (TCP and TLS) within `connect_timeout`, to
+    /// the addresses `resolver` has for a host.
+    pub fn new(tls: Arc<rustls::ClientConfig>, connect_timeout: Duration, resolver: Arc<Resolver>) -> Client {
+        Client { tls: tokio_rustls::TlsConnector::from(tls), connect_timeout, resolver, pool: Pool::default() }
     }
 
     /// Sends `req` and reads the response head; the body streams from the
@@ -238,7 +242,7 @@ impl Client {
         let name = || key.name();
         let connect = async {
             let addrs =
-                tokio::net::lookup_host((key.bare_host(), key.port)).await.map_err(|e| H1Error::Connect(name(), e))?;
+                self.resolver.lookup(key.bare_host(), key.port).await.map_err(|e| H1Error::Connect(name(), e))?;
             let mut last = None;
             let mut tcp = None;
             for addr in addrs {
@@ -251,6 +255,9 @@ impl Client {
                 }
             }
             let tcp = tcp.ok_or_else(|| {
+                // None of the addresses took it: the next connection looks
+                // the name up again.
+                self.resolver.forget(key.bare_host());
                 let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the host has no address"));
                 H1Error::Connect(name(), e)
             })?;
@@ -265,7 +272,10 @@ impl Client {
         };
         match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(r) => r,
-            Err(_) => Err(H1Error::ConnectTimeout(name(), self.connect_timeout)),
+            Err(_) => {
+                self.resolver.forget(key.bare_host());
+                Err(H1Error::ConnectTimeout(name(), self.connect_timeout))
+            }
         }
     }
 

@@ -37,6 +37,7 @@ pub mod open_files;
 pub mod passthrough;
 pub mod proxy;
 pub mod reframe;
+pub mod resolve;
 pub mod router;
 pub mod send_timeout;
 pub mod server;
@@ -115,7 +116,7 @@ impl App {
             auth: authenticator(&config)?,
             tls: tls_acceptor(&config)?,
             routes,
-            upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),
+            upstream: Upstream::new(&config.limits, &self.metrics),
             metrics: self.metrics.clone(),
             store: self.store.clone(),
             streams: self.streams.clone(),
@@ -298,7 +299,7 @@ pub async fn run_with_reload(
         auth: authenticator(&config)?,
         tls,
         routes,
-        upstream: Upstream::new(config.limits.connect_timeout, config.limits.first_byte_timeout),
+        upstream: Upstream::new(&config.limits, &metrics),
         metrics,
         store,
         streams: Arc::new(AtomicUsize::new(0)),

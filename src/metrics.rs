@@ -93,6 +93,7 @@ pub struct Metrics {
     pub streams_cancelled: Family<ReasonLabel, Counter>,
     pub connections_open: Gauge,
     pub worker_connections: Family<WorkerLabel, Gauge>,
+    pub dns_lookups: Counter,
 }
 
 impl Default for Metrics {
@@ -124,6 +125,7 @@ impl Metrics {
             streams_cancelled: Family::default(),
             connections_open: Gauge::default(),
             worker_connections: Family::default(),
+            dns_lookups: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Proxied requests by route and outcome", m.requests.clone());
@@ -159,6 +161,11 @@ impl Metrics {
             "worker_connections",
             "Client connections open now on each worker thread",
             m.worker_connections.clone(),
+        );
+        registry.register(
+            "dns_lookups",
+            "Lookups of upstream host names (the addresses are kept for limits.dns_ttl)",
+            m.dns_lookups.clone(),
         );
         Metrics { registry, ..m }
     }

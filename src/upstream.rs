@@ -15,9 +15,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::body::{caused_by, BodyTooLarge, BoxError, RequestBody};
+use crate::config::LimitsConfig;
 use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::resolve::{Lookup, Resolver};
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+type Connector = hyper_rustls::HttpsConnector<HttpConnector<Lookup>>;
 
 /// A pooled client shared by every route.
 #[derive(Clone)]
@@ -87,9 +90,12 @@ impl Body for UpstreamBody {
 }
 
 impl Upstream {
-    /// Builds the client with the connect timeout and TLS roots.
-    pub fn new(connect_timeout: Duration, first_byte_timeout: Duration) -> Upstream {
-        let mut http = HttpConnector::new();
+    /// Builds both clients with the limits' timeouts and DNS TTL, and the
+    /// TLS roots.
+    pub fn new(limits: &LimitsConfig, metrics: &Metrics) -> Upstream {
+        let (connect_timeout, first_byte_timeout) = (limits.connect_timeout, limits.first_byte_timeout);
+        let resolver = Resolver::new(limits.dns_ttl, metrics.dns_lookups.clone());
+        let mut http = HttpConnector::new_with_resolver(Lookup(resolver.clone()));
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
         http.enforce_http(false);
@@ -108,7 +114,7 @@ impl Upstream {
                 .with_no_client_auth(),
         };
         stream_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let stream = crate::h1::Client::new(std::sync::Arc::new(stream_tls), connect_timeout);
+        let stream = crate::h1::Client::new(std::sync::Arc::new(stream_tls), connect_timeout, resolver);
         let https = match tls {
             Ok(tls) => builder.with_tls_config(tls),
             // The ring provider supports the default versions; this is unreachable in practice.

@@ -321,3 +321,50 @@ async fn metrics_cover_the_contract_with_bounded_labels() {
         assert!(!text.contains(secret), "/metrics contains {secret:?}:\n{text}");
     }
 }
+
+/// An upstream named by host name is looked up once per `limits.dns_ttl`,
+/// for both upstream clients, and again at once after a connect that no
+/// address answered: `ssegate_dns_lookups_total` counts the lookups.
+#[tokio::test]
+async fn upstream_host_names_are_looked_up_once_per_ttl_and_again_after_a_failed_connect() {
+    let upstream = model().await;
+    let mut config = support::config(upstream.addr);
+    config.routes[0].upstream = format!("http://localhost:{}", upstream.addr.port());
+    // Nothing listens on port 1: every address of localhost refuses.
+    config.routes.push(support::route("/dead", "http://localhost:1"));
+    config.limits.dns_ttl = Duration::from_secs(60);
+    let proxy = Proxy::start(config).await;
+    let stream = |path: &str| client().get(proxy.url(path)).header("accept", "text/event-stream").send();
+    let lookups = || async { value(&parse(&metrics_text(proxy.admin).await), "ssegate_dns_lookups_total", &[]) };
+
+    // The first stream looks the name up.
+    assert_eq!(events(stream("/v1/chat/completions").await.unwrap()).await.len(), 5);
+    assert_eq!(lookups().await, 1.0);
+    // Three streams at once (two new connections at least) and a request
+    // through the pooled client use what was found.
+    let (a, b, c) =
+        tokio::join!(stream("/v1/chat/completions"), stream("/v1/chat/completions"), stream("/v1/chat/completions"));
+    for resp in [a, b, c] {
+        assert_eq!(events(resp.unwrap()).await.len(), 5);
+    }
+    let plain = client().get(proxy.url("/v1/models")).send().await.unwrap();
+    assert_eq!(plain.status(), 200);
+    assert_eq!(plain.text().await.unwrap(), "{\"ok\":true}");
+    assert_eq!(lookups().await, 1.0);
+
+    // A connect refused at every address: 502, and what was found is
+    // dropped, so the next connect looks the name up again.
+    assert_eq!(stream("/dead/x").await.unwrap().status(), 502);
+    assert_eq!(lookups().await, 1.0);
+    assert_eq!(stream("/dead/x").await.unwrap().status(), 502);
+    assert_eq!(lookups().await, 2.0);
+    // The name is shared: the live route's next new connection looks it up
+    // again too. Five streams at once: more than the pool holds (the first
+    // four streams' connections at most), so one connects at least.
+    let five = futures_util::future::join_all((0..5).map(|_| stream("/v1/chat/completions"))).await;
+    for resp in five {
+        assert_eq!(events(resp.unwrap()).await.len(), 5);
+    }
+    let n = lookups().await;
+    assert!(n >= 3.0, "the live route did not look the name up again: {n} lookups");
+}
