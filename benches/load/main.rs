@@ -1052,6 +1052,9 @@ fn report(file: &std::path::Path) {
     };
     let l = fanin_label.as_str();
     plain(&mut table, "fanin", l, "events/s", "events_per_s", 1.0, false);
+    // What sets events/s here: each stream runs 6 s from its first event,
+    // so the window is the ramp (2,000 set-ups) plus 6 s.
+    plain(&mut table, "fanin", l, "last stream's first event (ms)", "last_first_event_ms", 1.0, false);
     plain(&mut table, "fanin", l, "latency p50 (µs)", "lat_p50_us", 1.0, false);
     plain(&mut table, "fanin", l, "latency p99 (µs)", "lat_p99_us", 1.0, false);
     added(&mut table, "fanin", "fanin", l, "added latency p50 (µs)", "lat_p50_us", true);
