@@ -48,9 +48,14 @@ const BUSY_READS: u32 = 4;
 pub fn event_stream_head(head: &mut response::Parts) {
     head.status = StatusCode::OK;
     let h = &mut head.headers;
-    for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING, header::ETAG, header::LAST_MODIFIED, header::EXPIRES]
-    {
-        h.remove(name);
+    let stale =
+        [header::CONTENT_LENGTH, header::CONTENT_ENCODING, header::ETAG, header::LAST_MODIFIED, header::EXPIRES];
+    // An upstream head seldom has any of them: one pass over its few
+    // headers finds out for less than five lookups cost.
+    if h.keys().any(|name| stale.contains(name)) {
+        for name in stale {
+            h.remove(name);
+        }
     }
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-transform"));
@@ -71,9 +76,15 @@ pub fn direct_response(
     slot: (crate::StreamSlot, Option<crate::ClientSlot>),
     writer: Writer,
 ) -> Response<ResponseBody> {
-    let wire = Wire::choose(route.format, &head.headers);
+    let sse = crate::proxy::is_event_stream(&head.headers);
+    // Read once: `Wire::choose` would read the content type again.
+    let wire = if sse && route.format == crate::config::Format::Auto {
+        Wire::Sse
+    } else {
+        Wire::choose(route.format, &head.headers)
+    };
     // The upstream's own last event ends an SSE upstream's stream.
-    let add_end = !crate::proxy::is_event_stream(&head.headers);
+    let add_end = !sse;
     let source = Decoded::new(body, &head.headers);
     event_stream_head(&mut head);
     // The client's version, not the upstream's: an HTTP/1.0 upstream's
@@ -644,5 +655,54 @@ impl Drop for StreamStats {
             first_event_ms = ttfe_ms,
             "stream finished"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_with(headers: &[(&'static str, &'static str)]) -> response::Parts {
+        let mut head = Response::new(()).into_parts().0;
+        for (name, value) in headers {
+            head.headers.append(*name, HeaderValue::from_static(value));
+        }
+        head
+    }
+
+    #[test]
+    fn an_event_stream_head_drops_what_described_a_whole_body_and_keeps_the_rest() {
+        let mut head = head_with(&[
+            ("content-type", "application/x-ndjson"),
+            ("content-length", "120"),
+            ("content-encoding", "identity"),
+            ("etag", "\"v1\""),
+            ("last-modified", "Tue, 24 Nov 2026 10:00:00 GMT"),
+            ("expires", "0"),
+            ("x-request-id", "r-1"),
+        ]);
+        head.status = StatusCode::CREATED;
+        event_stream_head(&mut head);
+        assert_eq!(head.status, StatusCode::OK);
+        let h = &head.headers;
+        for gone in ["content-length", "content-encoding", "etag", "last-modified", "expires"] {
+            assert!(!h.contains_key(gone), "{gone} is still there");
+        }
+        assert_eq!(h.get("x-request-id"), Some(&HeaderValue::from_static("r-1")));
+        assert_eq!(h.get("content-type"), Some(&HeaderValue::from_static("text/event-stream; charset=utf-8")));
+        assert_eq!(h.get("cache-control"), Some(&HeaderValue::from_static("no-cache, no-transform")));
+        assert_eq!(h.get("x-accel-buffering"), Some(&HeaderValue::from_static("no")));
+        assert_eq!(h.len(), 4);
+    }
+
+    #[test]
+    fn an_event_stream_head_without_any_of_them_only_gains_its_own() {
+        let mut head = head_with(&[("content-type", "text/event-stream"), ("x-request-id", "r-2")]);
+        event_stream_head(&mut head);
+        let names: Vec<&str> = head.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+        for name in ["content-type", "x-request-id", "cache-control", "x-accel-buffering"] {
+            assert!(names.contains(&name), "{name} missing from {names:?}");
+        }
     }
 }
