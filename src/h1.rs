@@ -27,7 +27,7 @@ use http_body::Frame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::resolve::Resolver;
+use crate::resolve::{Resolver, Source};
 
 /// Bytes read for a response head at a time (nginx's `proxy_buffer_size`).
 const READ_SIZE: usize = 4096;
@@ -240,9 +240,12 @@ impl Client {
     async fn connect(&self, key: &Key) -> Result<Io, H1Error> {
         // The name only goes into errors: formatted when one happens.
         let name = || key.name();
+        // The lookup the addresses came from: a failure forgets only that one.
+        let mut tried = Source::default();
         let connect = async {
             let addrs =
                 self.resolver.lookup(key.bare_host(), key.port).await.map_err(|e| H1Error::Connect(name(), e))?;
+            tried = addrs.source();
             let mut last = None;
             let mut tcp = None;
             for addr in addrs {
@@ -255,9 +258,6 @@ impl Client {
                 }
             }
             let tcp = tcp.ok_or_else(|| {
-                // None of the addresses took it: the next connection looks
-                // the name up again.
-                self.resolver.forget(key.bare_host());
                 let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the host has no address"));
                 H1Error::Connect(name(), e)
             })?;
@@ -270,13 +270,17 @@ impl Client {
             let tls = self.tls.connect(server, tcp).await.map_err(|e| H1Error::Tls(name(), e))?;
             Ok(Io::Tls(Box::new(tls)))
         };
-        match tokio::time::timeout(self.connect_timeout, connect).await {
+        let result = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(r) => r,
-            Err(_) => {
-                self.resolver.forget(key.bare_host());
-                Err(H1Error::ConnectTimeout(name(), self.connect_timeout))
-            }
+            Err(_) => Err(H1Error::ConnectTimeout(name(), self.connect_timeout)),
+        };
+        // No address took the connection in time (refused, unreachable,
+        // timed out, the TLS handshake included): the upstream may have
+        // moved, and the next connection looks the name up again.
+        if matches!(result, Err(H1Error::Connect(..) | H1Error::ConnectTimeout(..))) {
+            self.resolver.forget(key.bare_host(), &tried);
         }
+        result
     }
 
     /// The newest idle connection to `key` that is still usable.

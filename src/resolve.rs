@@ -5,11 +5,13 @@
 //! `localhost`) cost a `getaddrinfo` on tokio's blocking pool: a thread
 //! hand-off, `/etc/hosts` read again, maybe a DNS query. nginx resolves its
 //! `proxy_pass` host once, at start. Here the addresses stay for `dns_ttl`,
-//! and a streaming client's connect that failed on every one of them
-//! (refused, unreachable, timed out: the upstream moved) drops them, so
-//! that the next connection looks the name up again at once (hyper-util's
-//! pooled client has no hook for that: it waits out the TTL). An IP address
-//! is never looked up.
+//! new connections take them in turn (nginx too spreads its connections
+//! over a name's addresses), and a streaming client's connect that failed
+//! on every one of them (refused, unreachable, timed out: the upstream
+//! moved) drops them, so that the next connection looks the name up again
+//! at once (hyper-util's pooled client has no hook for that: it waits out
+//! the TTL). An IP address is never looked up. Connections that start
+//! while a name is not known each look it up (no single flight).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,10 +33,12 @@ pub struct Resolver {
     lookups: Counter,
 }
 
-/// The addresses a lookup found, and when.
+/// The addresses a lookup found (their ports unused), when, and where the
+/// next connection starts in them.
 struct Found {
-    ips: Arc<[IpAddr]>,
+    addrs: Arc<[SocketAddr]>,
     at: Instant,
+    turn: usize,
 }
 
 impl Resolver {
@@ -45,63 +49,91 @@ impl Resolver {
     }
 
     /// The addresses of `host` (without IPv6 brackets) with `port`: an IP
-    /// address as it is, a name from the cache or from a lookup.
+    /// address as it is, a name from the cache or from a lookup. New
+    /// connections to a cached name start at its addresses in turn, as
+    /// nginx spreads them over a name's addresses: a name for several
+    /// replicas does not send them all to the first one.
     pub async fn lookup(&self, host: &str, port: u16) -> io::Result<Addrs> {
         if let Ok(ip) = host.parse::<IpAddr>() {
-            return Ok(Addrs { ip: Some(ip), ips: None, port, next: 0 });
+            return Ok(Addrs { one: Some(SocketAddr::new(ip, port)), found: None, start: 0, taken: 0, port });
         }
-        if let Some(ips) = self.cached(host) {
-            return Ok(Addrs { ip: None, ips: Some(ips), port, next: 0 });
+        if let Some((found, start)) = self.cached(host) {
+            return Ok(Addrs { one: None, found: Some(found), start, taken: 0, port });
         }
         self.lookups.inc();
-        let ips: Arc<[IpAddr]> = tokio::net::lookup_host((host, port)).await?.map(|a| a.ip()).collect();
-        if ips.is_empty() {
+        let addrs: Arc<[SocketAddr]> = tokio::net::lookup_host((host, port)).await?.collect();
+        if addrs.is_empty() {
             return Err(io::Error::new(io::ErrorKind::NotFound, "the host has no address"));
         }
         if !self.ttl.is_zero() {
-            let found = Found { ips: ips.clone(), at: Instant::now() };
+            let found = Found { addrs: addrs.clone(), at: Instant::now(), turn: 1 };
             self.names.lock().unwrap_or_else(|e| e.into_inner()).insert(host.to_string(), found);
         }
-        Ok(Addrs { ip: None, ips: Some(ips), port, next: 0 })
+        Ok(Addrs { one: None, found: Some(addrs), start: 0, taken: 0, port })
     }
 
-    /// Drops what is known of `host`: none of its addresses took a connection.
-    pub fn forget(&self, host: &str) {
-        self.names.lock().unwrap_or_else(|e| e.into_inner()).remove(host);
-    }
-
-    fn cached(&self, host: &str) -> Option<Arc<[IpAddr]>> {
+    /// Drops what is known of `host` when `tried` came from it: none of
+    /// those addresses took a connection. A newer lookup's stays, and an IP
+    /// address has nothing to drop.
+    pub fn forget(&self, host: &str, tried: &Source) {
+        let Some(tried) = &tried.0 else { return };
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-        let found = names.get(host)?;
+        if names.get(host).is_some_and(|f| Arc::ptr_eq(&f.addrs, tried)) {
+            names.remove(host);
+        }
+    }
+
+    /// A fresh entry's addresses and where this connection starts in them.
+    fn cached(&self, host: &str) -> Option<(Arc<[SocketAddr]>, usize)> {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let found = names.get_mut(host)?;
         if found.at.elapsed() < self.ttl {
-            return Some(found.ips.clone());
+            let start = found.turn;
+            found.turn = found.turn.wrapping_add(1);
+            return Some((found.addrs.clone(), start));
         }
         names.remove(host);
         None
     }
 }
 
-/// The addresses to try, in the order the lookup gave them.
+/// The addresses to try: each of a name's once, from where its turn
+/// starts, with the port asked for.
 pub struct Addrs {
     /// An IP address given as the host (no allocation for it).
-    ip: Option<IpAddr>,
-    /// What a lookup found.
-    ips: Option<Arc<[IpAddr]>>,
+    one: Option<SocketAddr>,
+    found: Option<Arc<[SocketAddr]>>,
+    start: usize,
+    taken: usize,
     port: u16,
-    next: usize,
+}
+
+/// Which lookup some [`Addrs`] came from (none for an IP address).
+#[derive(Default)]
+pub struct Source(Option<Arc<[SocketAddr]>>);
+
+impl Addrs {
+    pub fn source(&self) -> Source {
+        Source(self.found.clone())
+    }
 }
 
 impl Iterator for Addrs {
     type Item = SocketAddr;
 
     fn next(&mut self) -> Option<SocketAddr> {
-        let ip = match (self.ip.take(), &self.ips) {
-            (Some(ip), _) => ip,
-            (None, Some(ips)) => *ips.get(self.next)?,
-            (None, None) => return None,
-        };
-        self.next += 1;
-        Some(SocketAddr::new(ip, self.port))
+        if let Some(one) = self.one.take() {
+            return Some(one);
+        }
+        let found = self.found.as_ref()?;
+        if self.taken >= found.len() {
+            return None;
+        }
+        let mut addr = found[(self.start + self.taken) % found.len()];
+        self.taken += 1;
+        // A link-local IPv6 address keeps its scope; only the port changes.
+        addr.set_port(self.port);
+        Some(addr)
     }
 }
 
@@ -129,27 +161,65 @@ impl tower_service::Service<Name> for Lookup {
 mod tests {
     use super::*;
 
+    fn addr(text: &str) -> io::Result<SocketAddr> {
+        text.parse().map_err(io::Error::other)
+    }
+
+    fn kept(r: &Resolver) -> usize {
+        r.names.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     #[tokio::test]
     async fn an_ip_address_is_not_looked_up_or_kept() -> io::Result<()> {
         let r = Resolver::new(Duration::from_secs(60), Counter::default());
         let addrs: Vec<SocketAddr> = r.lookup("::1", 8000).await?.collect();
-        assert_eq!(addrs, vec!["[::1]:8000".parse::<SocketAddr>().map_err(io::Error::other)?]);
-        assert!(r.names.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+        assert_eq!(addrs, vec![addr("[::1]:8000")?]);
+        assert_eq!((kept(&r), r.lookups.get()), (0, 0));
         Ok(())
     }
 
     #[tokio::test]
-    async fn a_name_is_kept_for_the_ttl_and_forgotten_on_request() -> io::Result<()> {
+    async fn a_name_is_kept_for_the_ttl_and_forgotten_when_its_addresses_failed() -> io::Result<()> {
         let r = Resolver::new(Duration::from_secs(60), Counter::default());
-        let first: Vec<SocketAddr> = r.lookup("localhost", 8000).await?.collect();
+        let first = r.lookup("localhost", 8000).await?;
+        let source = first.source();
+        let first: Vec<SocketAddr> = first.collect();
         assert!(!first.is_empty() && first.iter().all(|a| a.ip().is_loopback() && a.port() == 8000), "{first:?}");
-        // Kept: a second lookup is served from the cache, with its own port.
-        let ips = r.cached("localhost").ok_or_else(|| io::Error::other("localhost was not kept"))?;
-        assert_eq!(ips.len(), first.len());
-        let second: Vec<u16> = r.lookup("localhost", 9000).await?.map(|a| a.port()).collect();
-        assert_eq!(second, vec![9000; first.len()]);
-        r.forget("localhost");
-        assert!(r.cached("localhost").is_none());
+        assert_eq!(r.lookups.get(), 1);
+        // From the cache, with this call's port: the same addresses.
+        let mut second: Vec<SocketAddr> = r.lookup("localhost", 9000).await?.collect();
+        assert_eq!(r.lookups.get(), 1);
+        assert!(second.iter().all(|a| a.port() == 9000), "{second:?}");
+        second.iter_mut().for_each(|a| a.set_port(8000));
+        second.sort();
+        let mut first = first;
+        first.sort();
+        assert_eq!(second, first);
+        // Another lookup's failure leaves this one alone; its own drops it.
+        r.forget("localhost", &Source(Some(Arc::from(vec![addr("127.0.0.9:1")?]))));
+        assert_eq!(kept(&r), 1);
+        r.forget("localhost", &source);
+        assert_eq!(kept(&r), 0);
+        r.lookup("localhost", 8000).await?;
+        assert_eq!(r.lookups.get(), 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn new_connections_take_a_names_addresses_in_turn() -> io::Result<()> {
+        let r = Resolver::new(Duration::from_secs(60), Counter::default());
+        let three: Arc<[SocketAddr]> = Arc::from(vec![addr("10.0.0.1:0")?, addr("10.0.0.2:0")?, addr("10.0.0.3:0")?]);
+        let found = Found { addrs: three, at: Instant::now(), turn: 0 };
+        r.names.lock().unwrap_or_else(|e| e.into_inner()).insert("replicas.test".into(), found);
+        let mut firsts = Vec::new();
+        for _ in 0..4 {
+            let all: Vec<SocketAddr> = r.lookup("replicas.test", 80).await?.collect();
+            assert_eq!(all.len(), 3, "{all:?}");
+            firsts.push(all[0]);
+        }
+        let want = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.1:80"];
+        assert_eq!(firsts, want.iter().map(|a| addr(a)).collect::<io::Result<Vec<_>>>()?);
+        assert_eq!(r.lookups.get(), 0);
         Ok(())
     }
 
@@ -157,14 +227,17 @@ mod tests {
     async fn nothing_is_kept_with_a_zero_ttl_or_after_the_ttl() -> io::Result<()> {
         let r = Resolver::new(Duration::ZERO, Counter::default());
         r.lookup("localhost", 8000).await?;
-        assert!(r.cached("localhost").is_none());
+        r.lookup("localhost", 8000).await?;
+        assert_eq!((kept(&r), r.lookups.get()), (0, 2));
         // An entry older than the TTL is dropped when next asked for.
-        let r = Resolver::new(Duration::from_secs(60), Counter::default());
-        let old = Instant::now().checked_sub(Duration::from_secs(61)).ok_or_else(|| io::Error::other("clock"))?;
-        let ips: Arc<[IpAddr]> = Arc::new([IpAddr::from([127, 0, 0, 2])]);
-        r.names.lock().unwrap_or_else(|e| e.into_inner()).insert("stale.test".into(), Found { ips, at: old });
+        let r = Resolver::new(Duration::from_millis(1), Counter::default());
+        let addrs: Arc<[SocketAddr]> = Arc::from(vec![addr("127.0.0.2:0")?]);
+        let found = Found { addrs, at: Instant::now(), turn: 0 };
+        r.names.lock().unwrap_or_else(|e| e.into_inner()).insert("stale.test".into(), found);
+        // Waiting for the TTL itself to pass.
+        tokio::time::sleep(Duration::from_millis(5)).await;
         assert!(r.cached("stale.test").is_none());
-        assert!(r.names.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+        assert_eq!(kept(&r), 0);
         Ok(())
     }
 }

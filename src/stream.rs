@@ -77,11 +77,10 @@ pub fn direct_response(
     writer: Writer,
 ) -> Response<ResponseBody> {
     let sse = crate::proxy::is_event_stream(&head.headers);
-    // Read once: `Wire::choose` would read the content type again.
-    let wire = if sse && route.format == crate::config::Format::Auto {
-        Wire::Sse
-    } else {
-        Wire::choose(route.format, &head.headers)
+    // An SSE upstream on an `auto` route: no second read of the content type.
+    let wire = match route.format {
+        crate::config::Format::Auto if sse => Wire::Sse,
+        format => Wire::choose(format, &head.headers),
     };
     // The upstream's own last event ends an SSE upstream's stream.
     let add_end = !sse;

@@ -301,3 +301,30 @@ pub(crate) mod testing {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn typed(content_type: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+        h
+    }
+
+    #[test]
+    fn auto_reads_the_content_type_in_any_case_and_a_route_format_wins() {
+        assert_eq!(Wire::choose(Format::Auto, &typed("TEXT/Event-Stream")), Wire::Sse);
+        assert_eq!(Wire::choose(Format::Auto, &typed("text/event-stream; charset=utf-8")), Wire::Sse);
+        assert_eq!(Wire::choose(Format::Auto, &typed("Application/X-NDJSON; charset=utf-8")), Wire::Ndjson);
+        for t in NDJSON_TYPES {
+            assert_eq!(Wire::choose(Format::Auto, &typed(t)), Wire::Ndjson, "{t}");
+        }
+        assert_eq!(Wire::choose(Format::Auto, &typed("application/json")), Wire::Text);
+        assert_eq!(Wire::choose(Format::Auto, &HeaderMap::new()), Wire::Text);
+        let sse = typed("text/event-stream");
+        assert_eq!(Wire::choose(Format::Sse, &typed("text/plain")), Wire::Sse);
+        assert_eq!(Wire::choose(Format::Ndjson, &sse), Wire::Ndjson);
+        assert_eq!(Wire::choose(Format::Text, &sse), Wire::Text);
+    }
+}
