@@ -129,7 +129,7 @@ impl Iterator for Addrs {
         if self.taken >= found.len() {
             return None;
         }
-        let mut addr = found[(self.start + self.taken) % found.len()];
+        let mut addr = found[self.start.wrapping_add(self.taken) % found.len()];
         self.taken += 1;
         // A link-local IPv6 address keeps its scope; only the port changes.
         addr.set_port(self.port);
