@@ -9,8 +9,8 @@
 //! over a name's addresses), and a streaming client's connect that failed
 //! on every one of them (refused, unreachable, timed out: the upstream
 //! moved) drops them, so that the next connection looks the name up again
-//! at once (hyper-util's pooled client has no hook for that: it waits out
-//! the TTL). An IP address is never looked up. Connections that start
+//! at once; so does a failed connect of hyper-util's pooled client
+//! ([`Forgetting`]). An IP address is never looked up. Connections that start
 //! while a name is not known each look it up (no single flight).
 
 use std::collections::HashMap;
@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::Uri;
 use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::HttpConnector;
 use prometheus_client::metrics::counter::Counter;
 
 /// The cache of looked-up names.
@@ -81,6 +83,12 @@ impl Resolver {
         if names.get(host).is_some_and(|f| Arc::ptr_eq(&f.addrs, tried)) {
             names.remove(host);
         }
+    }
+
+    /// Drops whatever is known of `host`: for a client that cannot tell
+    /// which lookup its addresses came from.
+    fn forget_name(&self, host: &str) {
+        self.names.lock().unwrap_or_else(|e| e.into_inner()).remove(host);
     }
 
     /// A fresh entry's addresses and where this connection starts in them.
@@ -154,6 +162,48 @@ impl tower_service::Service<Name> for Lookup {
     fn call(&mut self, name: Name) -> Self::Future {
         let resolver = self.0.clone();
         Box::pin(async move { resolver.lookup(name.as_str(), 0).await })
+    }
+}
+
+/// hyper-util's connector, which drops what is known of a name when no
+/// address of it took the connection, as the streaming client does.
+#[derive(Clone)]
+pub struct Forgetting {
+    pub inner: HttpConnector<Lookup>,
+    pub resolver: Arc<Resolver>,
+}
+
+/// The connector's own types (its error type is not exported by name).
+type Inner = HttpConnector<Lookup>;
+type Connecting = <Inner as tower_service::Service<Uri>>::Future;
+type Connected = <Inner as tower_service::Service<Uri>>::Response;
+type ConnectError = <Inner as tower_service::Service<Uri>>::Error;
+
+impl tower_service::Service<Uri> for Forgetting {
+    type Response = Connected;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        // A name, not an IP address, is what there is to forget.
+        let host = uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+            .filter(|h| h.parse::<IpAddr>().is_err())
+            .map(str::to_string);
+        let connecting: Connecting = self.inner.call(uri);
+        let resolver = self.resolver.clone();
+        Box::pin(async move {
+            let result = connecting.await;
+            if let (Err(_), Some(host)) = (&result, host) {
+                resolver.forget_name(&host);
+            }
+            result
+        })
     }
 }
 

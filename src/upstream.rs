@@ -18,9 +18,9 @@ use crate::body::{caused_by, BodyTooLarge, BoxError, RequestBody};
 use crate::config::LimitsConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::resolve::{Lookup, Resolver};
+use crate::resolve::{Forgetting, Lookup, Resolver};
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector<Lookup>>;
+type Connector = hyper_rustls::HttpsConnector<Forgetting>;
 
 /// A pooled client shared by every route.
 #[derive(Clone)]
@@ -114,7 +114,7 @@ impl Upstream {
                 .with_no_client_auth(),
         };
         stream_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let stream = crate::h1::Client::new(std::sync::Arc::new(stream_tls), connect_timeout, resolver);
+        let stream = crate::h1::Client::new(std::sync::Arc::new(stream_tls), connect_timeout, resolver.clone());
         let https = match tls {
             Ok(tls) => builder.with_tls_config(tls),
             // The ring provider supports the default versions; this is unreachable in practice.
@@ -122,7 +122,7 @@ impl Upstream {
         }
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(Forgetting { inner: http, resolver });
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(https);
         Upstream { client, stream, first_byte_timeout }
     }

@@ -324,7 +324,8 @@ async fn metrics_cover_the_contract_with_bounded_labels() {
 
 /// An upstream named by host name is looked up once per `limits.dns_ttl`,
 /// for both upstream clients, and again at once after a connect that no
-/// address answered: `ssegate_dns_lookups_total` counts the lookups.
+/// address answered (in either client): `ssegate_dns_lookups_total` counts
+/// the lookups.
 #[tokio::test]
 async fn upstream_host_names_are_looked_up_once_per_ttl_and_again_after_a_failed_connect() {
     let (upstream, second) = (model().await, model().await);
@@ -367,5 +368,12 @@ async fn upstream_host_names_are_looked_up_once_per_ttl_and_again_after_a_failed
     // up again too, and streams.
     assert_eq!(events(stream("/v2/chat/completions").await.unwrap()).await.len(), 5);
     assert_eq!(lookups().await, 3.0);
+    // The pooled client (a request that does not ask for an event stream)
+    // drops the name after a refused connect too.
+    let plain = || async { client().get(proxy.url("/dead/models")).send().await.unwrap().status() };
+    assert_eq!(plain().await, 502);
+    assert_eq!(lookups().await, 3.0);
+    assert_eq!(plain().await, 502);
+    assert_eq!(lookups().await, 4.0);
     drop(refusing);
 }
