@@ -12,7 +12,6 @@
 //! length-delimited or close-delimited; `1xx` heads are skipped.
 
 use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -164,31 +163,11 @@ impl AsyncWrite for Io {
     }
 }
 
-type Pool = Arc<Mutex<HashMap<Key, Vec<(Io, Instant)>, BuildHasherDefault<Fnv>>>>;
-
-/// FNV-1a, the pool's hash: its keys come from the configuration, not from
-/// clients, so the standard SipHash's defence against chosen keys buys
-/// nothing here, and it cost about 800 instructions a stream (a lookup to
-/// take a connection, one to give it back).
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Fnv {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-}
+/// The pool hashes its keys with FNV-1a: they come from the configuration,
+/// not from clients, so the standard SipHash's defence against chosen keys
+/// buys nothing here, and it cost about 800 instructions a stream (a lookup
+/// to take a connection, one to give it back).
+type Pool = Arc<Mutex<HashMap<Key, Vec<(Io, Instant)>, fnv::FnvBuildHasher>>>;
 
 /// The streaming client, shared by every route.
 #[derive(Clone)]
@@ -793,7 +772,7 @@ mod tests {
         for (text, want) in
             [("", 0xcbf2_9ce4_8422_2325u64), ("a", 0xaf63_dc4c_8601_ec8c), ("foobar", 0x8594_4171_f739_67e8)]
         {
-            let mut h = Fnv::default();
+            let mut h = std::hash::BuildHasher::build_hasher(&fnv::FnvBuildHasher::default());
             h.write(text.as_bytes());
             assert_eq!(h.finish(), want, "{text:?}");
         }
