@@ -331,11 +331,13 @@ async fn the_allocator_takes_the_binary_s_options() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(
-            "global variable malloc_conf): \"slab_sizes:4097-16384:8,background_thread:true,max_background_threads:1\""
+            "global variable malloc_conf): \"slab_sizes:4097-16384:8,background_thread:true,max_background_threads:1,dirty_decay_ms:300000\""
         ),
         "jemalloc did not read the binary's malloc_conf:\n{stderr}"
     );
-    for option in ["slab_sizes:4097-16384:8", "background_thread:true", "max_background_threads:1"] {
+    for option in
+        ["slab_sizes:4097-16384:8", "background_thread:true", "max_background_threads:1", "dirty_decay_ms:300000"]
+    {
         assert!(stderr.contains(&format!("Set conf value: {option}")), "{option}: {stderr}");
     }
 }

@@ -1,4 +1,4 @@
-# Shared by run.sh, callgrind.sh, syscalls.sh and first_burst.sh (sourced, not run).
+# Shared by the scripts in benches/load (sourced, not run).
 
 # apt_install PKG...: installs Debian packages, with sudo when not root.
 # A package's system service (nginx) is not started: policy-rc.d says no
@@ -32,6 +32,20 @@ ports_free() {
 find_nginx() {
   nginx_bin=$(command -v nginx || true)
   [ -n "$nginx_bin" ] || [ ! -x /usr/sbin/nginx ] || nginx_bin=/usr/sbin/nginx
+}
+
+# need_nginx: find_nginx, after installing Debian's nginx when it is missing.
+need_nginx() {
+  find_nginx
+  [ -n "$nginx_bin" ] || { apt_install nginx && find_nginx; }
+}
+
+# start_upstream PORT: starts the fake upstream on 127.0.0.1:PORT (its log
+# in $out) and waits until it listens.
+start_upstream() {
+  "$load" upstream --listen "127.0.0.1:$1" 2>"$out/upstream.log" &
+  pids+=($!)
+  wait_port "$1" "the fake upstream"
 }
 
 # wait_port PORT WHAT: waits (10 s at most) until something listens on
@@ -141,4 +155,35 @@ pgo_rustflags() {
     pgo_note="ssegate with profile-guided optimisation ($profile)"
   fi
   echo "$pgo_note"
+}
+
+# median RESULTS NAME FIELD: the median of FIELD over NAME's lines in the
+# JSON-lines file RESULTS ("n/a" when no line has it).
+median() {
+  { grep "\"target\":\"$2\"" "$1" || true; } | { grep -o "\"$3\":[0-9][0-9.eE+-]*" || true; } |
+    cut -d: -f2 | sort -g |
+    awk '{v[NR] = $1} END {if (NR == 0) print "n/a"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+
+# errors_total RESULTS NAME: the errors of NAME's lines in RESULTS, added up.
+errors_total() {
+  { grep "\"target\":\"$2\"" "$1" || true; } | { grep -o '"errors":[0-9]*' || true; } |
+    cut -d: -f2 | awk '{s += $1} END {print s + 0}'
+}
+
+# median_cells RESULTS NAME BASE FIELD[:SCALE]...: sets cells to one cell
+# per FIELD, the median of NAME's FIELD in RESULTS (times SCALE) and in
+# brackets its ratio to BASE's median.
+median_cells() {
+  local results=$1 name=$2 base=$3 f scale v b
+  shift 3
+  cells=()
+  for f in "$@"; do
+    scale=1
+    [[ $f != *:* ]] || scale=${f#*:}
+    f=${f%%:*}
+    v=$(median "$results" "$name" "$f")
+    b=$(median "$results" "$base" "$f")
+    cells+=("$(awk -v v="$v" -v b="$b" -v s="$scale" 'BEGIN {if (v == "n/a") print v; else if (b == "n/a" || b == 0) printf "%.1f", v * s; else printf "%.1f (%.2f)", v * s, v / b}')")
+  done
 }

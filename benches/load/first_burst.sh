@@ -24,17 +24,14 @@ rounds=${ROUNDS:-5}
 out=$root/target/load/first_burst
 mkdir -p "$out"
 ulimit -n "$(ulimit -Hn)"
-find_nginx
-[ -n "$nginx_bin" ] || { apt_install nginx && find_nginx; }
+need_nginx
 if [ -n "${BASE_BIN:-}" ] && [ ! -x "$BASE_BIN" ]; then
   echo "error: BASE_BIN=$BASE_BIN is not an executable" >&2
   exit 1
 fi
 ports_free 18080 18081 18082 18083 || exit 1
 
-"$load" upstream --listen 127.0.0.1:18080 2>"$out/upstream.log" &
-pids+=($!)
-wait_port 18080 "the fake upstream"
+start_upstream 18080
 
 targets=("ssegate=$ssegate")
 [ -z "${BASE_BIN:-}" ] || targets+=("base=$BASE_BIN")
@@ -65,24 +62,11 @@ for _ in $(seq "$rounds"); do
   done
 done
 
-# median NAME FIELD: the median of FIELD over NAME's rounds ("n/a" when
-# no round has it).
-median() {
-  { grep "\"target\":\"$1\"" "$results" || true; } | { grep -o "\"$2\":[0-9][0-9.eE+-]*" || true; } |
-    cut -d: -f2 | sort -g |
-    awk '{v[NR] = $1} END {if (NR == 0) print "n/a"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
-}
 printf '%-8s %22s %14s %14s %7s\n' target "last first event, ms" "head p50, ms" "head p99, ms" errors
 for t in "${targets[@]}"; do
   name=${t%%=*}
-  row=()
-  for f in last_first_event_ms head_p50_ms head_p99_ms; do
-    v=$(median "$name" "$f")
-    n=$(median nginx "$f")
-    row+=("$(awk -v v="$v" -v n="$n" 'BEGIN {if (v == "n/a") print v; else if (n == "n/a" || n == 0) printf "%.1f", v; else printf "%.1f (%.2f)", v, v / n}')")
-  done
-  errors=$({ grep "\"target\":\"$name\"" "$results" || true; } | { grep -o '"errors":[0-9]*' || true; } |
-    cut -d: -f2 | awk '{s += $1} END {print s + 0}')
-  printf '%-8s %22s %14s %14s %7s\n' "$name" "${row[@]}" "$errors"
+  median_cells "$results" "$name" nginx last_first_event_ms head_p50_ms head_p99_ms
+  errors=$(errors_total "$results" "$name")
+  printf '%-8s %22s %14s %14s %7s\n' "$name" "${cells[@]}" "$errors"
 done
 echo "(the ratio to nginx in brackets; raw results: ${results#"$root"/})"
