@@ -15,8 +15,8 @@
 # minutes, `malloc_conf` in src/main.rs), the same binary with jemalloc's
 # default of ten seconds (`MALLOC_CONF=dirty_decay_ms:10000`), and nginx.
 # Prints, per proxy, the medians over the measured bursts of its page
-# faults, its CPU time and when the last stream got its first event, with
-# the ratio to the ten-second ssegate. SSEGATE_BIN picks the ssegate
+# faults, its CPU time and when the last stream got its first event, and
+# the median of the per-round ratios to the ten-second ssegate. SSEGATE_BIN picks the ssegate
 # binary. Ports 18080 (fake upstream), 18081/18083 and 18084/18085 (the
 # two ssegates) and 18082 (nginx) on 127.0.0.1.
 set -euo pipefail
@@ -79,11 +79,32 @@ for round in $(seq 0 "$rounds"); do
   done
 done
 
+# values NAME FIELD: NAME's FIELD, one burst a line, in the order run.
+values() {
+  { grep "\"target\":\"$1\"" "$results" || true; } | { grep -o "\"$2\":[0-9][0-9.eE+-]*" || true; } | cut -d: -f2
+}
+# cell NAME FIELD SCALE: the median of NAME's FIELD (times SCALE), and in
+# brackets the median over the bursts of its ratio to ssegate-10s's in the
+# same round: the two ran one after the other, while the machine's speed
+# drifts from round to round by more than what is measured here.
+cell() {
+  paste <(values "$1" "$2") <(values ssegate-10s "$2") | awk -v s="$3" '
+    {v[NR] = $1; if ($2 > 0) r[++n] = $1 / $2}
+    function median(a, k,   i, j, t) {
+      for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) {t = a[j]; a[j] = a[j - 1]; a[j - 1] = t}
+      return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+    }
+    END {
+      if (NR == 0) {print "n/a"; exit}
+      m = median(v, NR) * s
+      if (n == 0) printf "%.0f", m; else printf "%.0f (%.2f)", m, median(r, n)
+    }'
+}
 printf '%-12s %18s %18s %24s %7s\n' target "page faults" "proxy CPU, ms" "last first event, ms" errors
 for t in "${targets[@]}"; do
   name=${t%%=*}
-  median_cells "$results" "$name" ssegate-10s page_faults proxy_cpu_s:1000 last_first_event_ms
-  errors=$(errors_total "$results" "$name")
-  printf '%-12s %18s %18s %24s %7s\n' "$name" "${cells[@]}" "$errors"
+  printf '%-12s %18s %18s %24s %7s\n' "$name" "$(cell "$name" page_faults 1)" "$(cell "$name" proxy_cpu_s 1000)" \
+    "$(cell "$name" last_first_event_ms 1)" "$(errors_total "$results" "$name")"
 done
-echo "(medians; the ratio to ssegate-10s in brackets; raw results: ${results#"$root"/})"
+echo "(medians over the bursts; in brackets the median of the ratios to ssegate-10s in the same round;"
+echo " raw results: ${results#"$root"/})"
