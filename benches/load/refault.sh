@@ -14,10 +14,11 @@
 # ssegate as built (jemalloc gives freed memory back over about five
 # minutes, `malloc_conf` in src/main.rs), the same binary with jemalloc's
 # default of ten seconds (`MALLOC_CONF=dirty_decay_ms:10000`), and nginx.
-# Prints, per proxy, the medians over the measured bursts of its page
-# faults, its CPU time and when the last stream got its first event, and
-# the median of the per-round ratios to the ten-second ssegate. SSEGATE_BIN picks the ssegate
-# binary. Ports 18080 (fake upstream), 18081/18083 and 18084/18085 (the
+# The two ssegates take turns at going first. Prints, per proxy, the
+# medians over the measured bursts of its page faults, its CPU time and
+# when the last stream got its first event, and the median of the
+# per-round ratios to the ten-second ssegate. SSEGATE_BIN picks the
+# ssegate binary. Ports 18080 (fake upstream), 18081/18083 and 18084/18085 (the
 # two ssegates) and 18082 (nginx) on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -65,10 +66,13 @@ results=$out/results.jsonl
 : >"$results"
 query="n=2&size=64&interval_ms=1000&format=sse"
 targets=("ssegate=$sg=18081" "ssegate-10s=$sg10=18084" "nginx=$ng=18082")
+swapped=("${targets[1]}" "${targets[0]}" "${targets[2]}")
 echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); 1 warm-up and $rounds measured bursts of 2,000 streams, $gap s apart"
 for round in $(seq 0 "$rounds"); do
   [ "$round" -eq 0 ] || sleep "$gap"
-  for t in "${targets[@]}"; do
+  order=("${targets[@]}")
+  [ $((round % 2)) -eq 0 ] || order=("${swapped[@]}")
+  for t in "${order[@]}"; do
     IFS== read -r name pid port <<<"$t"
     before=$(faults "$pid")
     line=$("$load" client --scenario refault --target "$name" --streams 2000 --spread-ms 100 --pid "$pid" \
