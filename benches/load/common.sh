@@ -171,19 +171,16 @@ errors_total() {
     cut -d: -f2 | awk '{s += $1} END {print s + 0}'
 }
 
-# median_cells RESULTS NAME BASE FIELD[:SCALE]...: sets cells to one cell
-# per FIELD, the median of NAME's FIELD in RESULTS (times SCALE) and in
-# brackets its ratio to BASE's median.
+# median_cells RESULTS NAME BASE FIELD...: sets cells to one cell per
+# FIELD, the median of NAME's FIELD in RESULTS and in brackets its ratio to
+# BASE's median.
 median_cells() {
-  local results=$1 name=$2 base=$3 f scale v b
+  local results=$1 name=$2 base=$3 f v b
   shift 3
   cells=()
   for f in "$@"; do
-    scale=1
-    [[ $f != *:* ]] || scale=${f#*:}
-    f=${f%%:*}
     v=$(median "$results" "$name" "$f")
     b=$(median "$results" "$base" "$f")
-    cells+=("$(awk -v v="$v" -v b="$b" -v s="$scale" 'BEGIN {if (v == "n/a") print v; else if (b == "n/a" || b == 0) printf "%.1f", v * s; else printf "%.1f (%.2f)", v * s, v / b}')")
+    cells+=("$(awk -v v="$v" -v b="$b" 'BEGIN {if (v == "n/a") print v; else if (b == "n/a" || b == 0) printf "%.1f", v; else printf "%.1f (%.2f)", v, v / b}')")
   done
 }

@@ -7,14 +7,16 @@
 # or faults fresh pages in. Uses the binaries benches/load/run.sh builds
 # (run it once first).
 #
-#   benches/load/refault.sh                  # 1 warm-up burst + 5 measured, 30 s apart
-#   GAP=90 ROUNDS=3 benches/load/refault.sh
+#   benches/load/refault.sh                  # 1 warm-up burst + 6 measured, 30 s apart
+#   GAP=90 ROUNDS=4 benches/load/refault.sh
 #
 # Three proxies run side by side, each burst going to one after the other:
 # ssegate as built (jemalloc gives freed memory back over about five
 # minutes, `malloc_conf` in src/main.rs), the same binary with jemalloc's
 # default of ten seconds (`MALLOC_CONF=dirty_decay_ms:10000`), and nginx.
-# The two ssegates take turns at going first. Prints, per proxy, the
+# The two ssegates take turns at going first (an even ROUNDS gives each as
+# many firsts); each waits GAP s and two or three bursts' time between
+# its bursts. Prints, per proxy, the
 # medians over the measured bursts of its page faults, its CPU time and
 # when the last stream got its first event, and the median of the
 # per-round ratios to the ten-second ssegate. SSEGATE_BIN picks the
@@ -26,12 +28,13 @@ root=$PWD
 # shellcheck source=benches/load/common.sh
 . benches/load/common.sh
 load_binaries
-rounds=${ROUNDS:-5}
+rounds=${ROUNDS:-6}
 gap=${GAP:-30}
 out=$root/target/load/refault
 mkdir -p "$out"
 ulimit -n "$(ulimit -Hn)"
 need_nginx
+command -v pgrep >/dev/null || apt_install procps
 ports_free 18080 18081 18082 18083 18084 18085 || exit 1
 
 start_upstream 18080
@@ -41,7 +44,7 @@ RUST_LOG=warn "$ssegate" --config "$out/ssegate.toml" 2>"$out/ssegate.log" &
 sg=$!
 pids+=("$sg")
 ssegate_config "$out/ssegate-10s.toml" 127.0.0.1:18084 127.0.0.1:18085 127.0.0.1:18080
-MALLOC_CONF=dirty_decay_ms:10000 RUST_LOG=warn "$ssegate" --config "$out/ssegate-10s.toml" 2>"$out/ssegate-10s.log" &
+MALLOC_CONF=confirm_conf:true,dirty_decay_ms:10000 RUST_LOG=warn "$ssegate" --config "$out/ssegate-10s.toml" 2>"$out/ssegate-10s.log" &
 sg10=$!
 pids+=("$sg10")
 nginx_config "$out/nginx" 127.0.0.1:18082 127.0.0.1:18080
@@ -51,6 +54,12 @@ pids+=("$ng")
 wait_port 18081 ssegate
 wait_port 18084 ssegate-10s
 wait_port 18082 nginx
+# A jemalloc that does not read MALLOC_CONF (a prefixed build reads
+# _RJEM_MALLOC_CONF) would make the two ssegates the same.
+grep -q "Set conf value: dirty_decay_ms:10000" "$out/ssegate-10s.log" || {
+  echo "error: $ssegate's jemalloc did not take MALLOC_CONF (see $out/ssegate-10s.log)" >&2
+  exit 1
+}
 
 # faults PID: minor page faults so far of PID and its children (nginx's
 # workers); a process's own line counts all its threads.
@@ -93,15 +102,15 @@ values() {
 # drifts from round to round by more than what is measured here.
 cell() {
   paste <(values "$1" "$2") <(values ssegate-10s "$2") | awk -v s="$3" '
-    {v[NR] = $1; if ($2 > 0) r[++n] = $1 / $2}
+    {if ($1 != "") v[++c] = $1; if ($1 == "" || $2 == "") unpaired = 1; else if ($2 > 0) r[++n] = $1 / $2}
     function median(a, k,   i, j, t) {
       for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) {t = a[j]; a[j] = a[j - 1]; a[j - 1] = t}
       return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
     }
     END {
-      if (NR == 0) {print "n/a"; exit}
-      m = median(v, NR) * s
-      if (n == 0) printf "%.0f", m; else printf "%.0f (%.2f)", m, median(r, n)
+      if (c == 0) {print "n/a"; exit}
+      m = median(v, c) * s
+      if (unpaired) printf "%.0f (unpaired)", m; else if (n == 0) printf "%.0f", m; else printf "%.0f (%.2f)", m, median(r, n)
     }'
 }
 printf '%-12s %18s %18s %24s %7s\n' target "page faults" "proxy CPU, ms" "last first event, ms" errors
