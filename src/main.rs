@@ -33,7 +33,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// Freed memory goes back over about five minutes (`dirty_decay_ms`), not
 /// jemalloc's ten seconds: the next burst of streams reuses it instead of
 /// faulting fresh pages in, which cost 3.3 µs each here: a burst of 2,000
-/// new streams 30 s after the last faults a fifth to a third as many pages
+/// new streams 30 s after the last faults a fifth to two fifths as many pages
 /// and takes 1 to 11% less CPU (`benches/load/refault.sh`, see the README). After a burst the RSS falls over those minutes instead of
 /// seconds; `MALLOC_CONF=dirty_decay_ms:10000` in the environment gives
 /// jemalloc's default back.
