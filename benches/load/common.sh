@@ -119,6 +119,16 @@ load_binaries() {
   fi
 }
 
+# helper_setup NAME: what a helper script needs first: the binaries
+# (load_binaries), its work directory target/load/NAME as out, and as
+# many open files as the machine allows.
+helper_setup() {
+  load_binaries
+  out=$root/target/load/$1
+  mkdir -p "$out"
+  ulimit -n "$(ulimit -Hn)"
+}
+
 # rustc_release: the release of the rustc that builds (1.95.0). A PGO profile
 # names functions by their symbols, which carry hashes of the rustc release:
 # a profile is of use only to the release that made it.

@@ -19,11 +19,8 @@ cd "$(dirname "$0")/../.."
 root=$PWD
 # shellcheck source=benches/load/common.sh
 . benches/load/common.sh
-load_binaries
+helper_setup first_burst
 rounds=${ROUNDS:-5}
-out=$root/target/load/first_burst
-mkdir -p "$out"
-ulimit -n "$(ulimit -Hn)"
 need_nginx
 if [ -n "${BASE_BIN:-}" ] && [ ! -x "$BASE_BIN" ]; then
   echo "error: BASE_BIN=$BASE_BIN is not an executable" >&2

@@ -27,12 +27,9 @@ cd "$(dirname "$0")/../.."
 root=$PWD
 # shellcheck source=benches/load/common.sh
 . benches/load/common.sh
-load_binaries
+helper_setup refault
 rounds=${ROUNDS:-6}
 gap=${GAP:-30}
-out=$root/target/load/refault
-mkdir -p "$out"
-ulimit -n "$(ulimit -Hn)"
 need_nginx
 command -v pgrep >/dev/null || apt_install procps
 ports_free 18080 18081 18082 18083 18084 18085 || exit 1
