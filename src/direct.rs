@@ -48,11 +48,14 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Wraps a connection from which `first` was read already; hyper gets
-    /// the returned [`SharedIo`], which hands it `first` before the rest.
-    pub fn new(tcp: TcpStream, first: BytesMut, writes: ConnWrites) -> (SharedIo, Arc<Socket>) {
-        let socket = Arc::new(Socket { tcp, flushes: AtomicU64::new(0), writes });
-        (SharedIo { socket: socket.clone(), first, eof: false }, socket)
+    /// Wraps a client connection.
+    pub fn new(tcp: TcpStream, writes: ConnWrites) -> Arc<Socket> {
+        Arc::new(Socket { tcp, flushes: AtomicU64::new(0), writes })
+    }
+
+    /// The connection's socket.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
     }
 
     fn flushes(&self) -> u64 {
@@ -69,9 +72,17 @@ pub struct ClientSocket(pub Arc<Socket>);
 pub struct SharedIo {
     socket: Arc<Socket>,
     /// Bytes read before hyper took over, not yet handed to it.
-    first: BytesMut,
+    first: Bytes,
     /// The client closed its side (a read found the end).
     eof: bool,
+}
+
+impl SharedIo {
+    /// hyper's I/O on `socket`, from which `first` was read already: hyper
+    /// gets it before the rest.
+    pub fn new(socket: Arc<Socket>, first: Bytes) -> SharedIo {
+        SharedIo { socket, first, eof: false }
+    }
 }
 
 impl AsyncRead for SharedIo {
@@ -83,7 +94,7 @@ impl AsyncRead for SharedIo {
             this.first.advance(n);
             if this.first.is_empty() {
                 // Handed over whole: let go of the buffer.
-                this.first = BytesMut::new();
+                this.first = Bytes::new();
             }
             return Poll::Ready(Ok(()));
         }
@@ -182,13 +193,22 @@ pub struct Direct {
     pending: Option<Chunk>,
     /// `limits.send_timeout` for the writes of `pending`.
     stall: Stall,
+    /// On the lean path (`crate::lean`), the response head, until it goes
+    /// out with the first chunk, or alone when no chunk is ready with it.
+    head: Option<Bytes>,
+    /// On the lean path, whether the last chunk was queued.
+    ended: bool,
 }
 
-/// One chunk of the chunked body: `<size in hex>\r\n<data>\r\n`.
+/// One write of the chunked body: the response head before the first
+/// chunk on the lean path, `<size in hex>\r\n<data>` and its tail (`\r\n`,
+/// with the body's last chunk `0\r\n\r\n` when it ends the body).
 struct Chunk {
+    head: Bytes,
     size_line: SizeLine,
     data: Bytes,
-    /// How much of the three parts went out.
+    tail: &'static [u8],
+    /// How much of the parts went out.
     written: usize,
 }
 
@@ -211,10 +231,20 @@ impl SizeLine {
         SizeLine { buf, len: len + 2 }
     }
 
+    /// None: for a write without a chunk of data.
+    const NONE: SizeLine = SizeLine { buf: [0u8; 18], len: 0 };
+
     fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }
+
+/// A chunk's tail.
+const CRLF: &[u8] = b"\r\n";
+/// A chunk's tail and the body's last chunk.
+const CRLF_LAST: &[u8] = b"\r\n0\r\n\r\n";
+/// The body's last chunk, after no data.
+const LAST: &[u8] = b"0\r\n\r\n";
 
 /// Chunks up to this size (size line and CRLF included) are copied into one
 /// buffer and go out with `send`, larger ones with `writev` of the three
@@ -231,15 +261,14 @@ thread_local! {
     static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Writes what is left of the chunk `size_line`, `data`, CRLF after its
-/// first `written` bytes; whether it is all out.
-fn write_chunk(tcp: &TcpStream, size_line: &SizeLine, data: &[u8], written: &mut usize) -> io::Result<bool> {
-    let parts: [&[u8]; 3] = [size_line.as_bytes(), data, b"\r\n"];
-    let total = size_line.len + data.len() + 2;
+/// Writes what is left of `parts` after their first `written` bytes;
+/// whether it is all out.
+fn write_parts(tcp: &TcpStream, parts: [&[u8]; 4], written: &mut usize) -> io::Result<bool> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
     if *written == 0 && total <= COPY_MAX {
         let sent = FRAME.with_borrow_mut(|frame| {
             frame.clear();
-            for part in parts {
+            for part in parts.into_iter().filter(|p| !p.is_empty()) {
                 frame.extend_from_slice(part);
             }
             tcp.try_write(frame)
@@ -253,7 +282,7 @@ fn write_chunk(tcp: &TcpStream, size_line: &SizeLine, data: &[u8], written: &mut
     }
     while *written < total {
         let mut skip = *written;
-        let mut iov = [IoSlice::new(&[]); 3];
+        let mut iov = [IoSlice::new(&[]); 4];
         let mut n = 0;
         for part in parts {
             if skip >= part.len() {
@@ -277,7 +306,14 @@ fn write_chunk(tcp: &TcpStream, size_line: &SizeLine, data: &[u8], written: &mut
 impl Direct {
     /// A writer to the socket of `client`.
     pub fn new(client: ClientSocket, send_timeout: Duration) -> Direct {
-        Direct { socket: client.0, handed: None, pending: None, stall: Stall::new(send_timeout) }
+        Direct {
+            socket: client.0,
+            handed: None,
+            pending: None,
+            stall: Stall::new(send_timeout),
+            head: None,
+            ended: false,
+        }
     }
 
     /// Called at each poll of the body, first thing.
@@ -297,11 +333,40 @@ impl Direct {
         self.handed = Some(self.socket.flushes());
     }
 
+    /// The lean path: `head` goes out before the first chunk.
+    pub fn set_head(&mut self, head: Bytes) {
+        self.head = Some(head);
+    }
+
+    /// The lean path, when no chunk is ready: the head goes out alone.
+    pub fn head_alone(&mut self) {
+        if let Some(head) = self.head.take() {
+            self.pending = Some(Chunk { head, size_line: SizeLine::NONE, data: Bytes::new(), tail: b"", written: 0 });
+        }
+    }
+
+    /// The lean path: the body's last chunk goes out, after `last` when
+    /// there is a frame (and the head when it has not gone out yet).
+    pub fn end(&mut self, last: Option<Bytes>) {
+        let head = self.head.take().unwrap_or_default();
+        let chunk = match last.filter(|l| !l.is_empty()) {
+            Some(data) => Chunk { head, size_line: SizeLine::new(data.len()), data, tail: CRLF_LAST, written: 0 },
+            None => Chunk { head, size_line: SizeLine::NONE, data: Bytes::new(), tail: LAST, written: 0 },
+        };
+        self.pending = Some(chunk);
+        self.ended = true;
+    }
+
+    /// Whether [`Direct::end`] was called.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
     /// Starts writing `data` as one chunk and empties it, keeping its
     /// capacity; what the socket does not take waits for [`Direct::poll_flush`].
     pub fn send(&mut self, data: &mut BytesMut) -> io::Result<()> {
-        if let Some((size_line, written)) = self.start(data)? {
-            self.pending = Some(Chunk { size_line, data: data.split().freeze(), written });
+        if let Some((head, size_line, written)) = self.start(data)? {
+            self.pending = Some(Chunk { head, size_line, data: data.split().freeze(), tail: CRLF, written });
         }
         data.clear();
         Ok(())
@@ -309,22 +374,25 @@ impl Direct {
 
     /// [`Direct::send`] for a frame that is not in a buffer of the stream's.
     pub fn send_bytes(&mut self, data: Bytes) -> io::Result<()> {
-        if let Some((size_line, written)) = self.start(&data)? {
-            self.pending = Some(Chunk { size_line, data, written });
+        if let Some((head, size_line, written)) = self.start(&data)? {
+            self.pending = Some(Chunk { head, size_line, data, tail: CRLF, written });
         }
         Ok(())
     }
 
-    /// Writes `data` as one chunk as far as the socket takes it; the size
-    /// line and how much went out when not all of it did.
-    fn start(&self, data: &[u8]) -> io::Result<Option<(SizeLine, usize)>> {
+    /// Writes `data` as one chunk (after the head, if it is still to go) as
+    /// far as the socket takes it; the head, the size line and how much went
+    /// out when not all of it did.
+    fn start(&mut self, data: &[u8]) -> io::Result<Option<(Bytes, SizeLine, usize)>> {
         if data.is_empty() {
             // A chunk of size 0 would end the body.
             return Ok(None);
         }
+        let head = self.head.take().unwrap_or_default();
         let size_line = SizeLine::new(data.len());
         let mut written = 0;
-        Ok((!write_chunk(&self.socket.tcp, &size_line, data, &mut written)?).then_some((size_line, written)))
+        let done = write_parts(&self.socket.tcp, [&head, size_line.as_bytes(), data, CRLF], &mut written)?;
+        Ok((!done).then_some((head, size_line, written)))
     }
 
     /// Writes what is pending; ready once nothing is, an error once the
@@ -334,9 +402,10 @@ impl Direct {
             if self.socket.tcp.poll_write_ready(cx)?.is_pending() {
                 return self.stall.poll_blocked(cx);
             }
-            let before = chunk.written;
-            let done = write_chunk(&self.socket.tcp, &chunk.size_line, &chunk.data, &mut chunk.written)?;
-            if chunk.written > before {
+            let Chunk { head, size_line, data, tail, written } = chunk;
+            let before = *written;
+            let done = write_parts(&self.socket.tcp, [head, size_line.as_bytes(), data, tail], written)?;
+            if *written > before {
                 self.stall.progress();
             }
             if done {
@@ -349,7 +418,7 @@ impl Direct {
 
 #[cfg(test)]
 mod tests {
-    use super::{write_chunk, SizeLine, COPY_MAX};
+    use super::{write_parts, SizeLine, COPY_MAX};
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
@@ -378,7 +447,7 @@ mod tests {
                 let (line, chunk, mut written) = (SizeLine::new(len), data(i, len), 0);
                 loop {
                     writer.writable().await?;
-                    if write_chunk(&writer, &line, &chunk, &mut written)? {
+                    if write_parts(&writer, [b"", line.as_bytes(), &chunk, b"\r\n"], &mut written)? {
                         break;
                     }
                     cut += 1;

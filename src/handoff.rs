@@ -16,11 +16,10 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::body::{full, ChannelBody, Cut, ResponseBody};
+use crate::body::{full, ChannelBody, ClientBody, Cut, ResponseBody};
 use crate::decompress::{ChunkError, Decoded};
 use crate::error::{json_error, Error};
 use crate::metrics::ReasonLabel;
@@ -46,7 +45,7 @@ pub fn new_token() -> Result<String, Error> {
 }
 
 /// `POST {handoff.prefix}{path}`: stores the request, answers 201 + token.
-pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> Result<Response<ResponseBody>, Error> {
+pub async fn create(app: &Arc<App>, req: Request<ClientBody>, conn: ConnInfo) -> Result<Response<ResponseBody>, Error> {
     let cfg = &app.config;
     let path = req.uri().path()[cfg.handoff.prefix.len()..].to_string();
     let route = app.routes.find(&path).cloned().ok_or(Error::NotFound)?;
@@ -96,7 +95,7 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> R
 /// `client_body_timeout`, each piece must follow the last within
 /// `header_timeout`, so a body trickled byte by byte cannot hold a
 /// connection forever (and `max_body` bounds the memory).
-async fn read_body(mut body: Incoming, max_body: u64, gap: Duration) -> Result<Bytes, Error> {
+async fn read_body(mut body: ClientBody, max_body: u64, gap: Duration) -> Result<Bytes, Error> {
     let mut out = BytesMut::new();
     loop {
         let frame = match tokio::time::timeout(gap, body.frame()).await {
@@ -116,7 +115,7 @@ async fn read_body(mut body: Incoming, max_body: u64, gap: Duration) -> Result<B
 
 /// `GET {stream_prefix}/{token}`: the first GET starts the stream; later
 /// ones replay after `Last-Event-ID` and follow live.
-pub async fn attach(app: &Arc<App>, req: Request<Incoming>, token: &str) -> Result<Response<ResponseBody>, Error> {
+pub async fn attach(app: &Arc<App>, req: Request<ClientBody>, token: &str) -> Result<Response<ResponseBody>, Error> {
     let last_event_id =
         req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     // Only a first GET starts a stream; a resume reuses the one it counts as.

@@ -31,6 +31,7 @@ pub mod direct;
 pub mod error;
 pub mod h1;
 pub mod handoff;
+pub mod lean;
 pub mod metrics;
 #[cfg(unix)]
 pub mod open_files;

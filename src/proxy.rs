@@ -9,9 +9,8 @@ use std::time::Instant;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
-use crate::body::{LimitedBody, ResponseBody};
+use crate::body::{ClientBody, LimitedBody, ResponseBody};
 use crate::error::Error;
 use crate::passthrough::PassThrough;
 use crate::router::Route;
@@ -28,7 +27,7 @@ pub struct ConnInfo {
 pub async fn forward(
     app: &Arc<App>,
     route: &Arc<Route>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     conn: ConnInfo,
 ) -> Result<Response<ResponseBody>, Error> {
     let started = Instant::now();
@@ -91,7 +90,7 @@ pub async fn forward(
         let writer = if parts.version == http::Version::HTTP_2 {
             Writer::Relay(stalled())
         } else if let Some(client) = parts.extensions.get::<crate::direct::ClientSocket>() {
-            Writer::Direct(client.clone())
+            Writer::Direct(client.clone(), parts.extensions.get::<crate::stream::Inline>().cloned())
         } else {
             Writer::Hyper(stalled())
         };

@@ -4,9 +4,8 @@ use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
 
-use crate::body::ResponseBody;
+use crate::body::{ClientBody, ResponseBody};
 use crate::config::{Format, RouteConfig};
 use crate::cors;
 use crate::error::Error;
@@ -138,7 +137,7 @@ fn finish(
 }
 
 /// Answers one request on the public listener.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
+pub async fn handle(app: Arc<App>, req: Request<ClientBody>, conn: ConnInfo) -> Response<ResponseBody> {
     // An absolute-form target is what a client sends to a forward proxy;
     // ssegate is never one.
     if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {

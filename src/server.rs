@@ -10,12 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -23,13 +22,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::body::BoxError;
-use crate::direct::{ClientSocket, Socket};
+use crate::body::{BoxError, ClientBody, ResponseBody};
+use crate::direct::{ClientSocket, SharedIo, Socket};
 use crate::metrics::WorkerLabel;
 use crate::proxy::ConnInfo;
 use crate::send_timeout::{ConnWrites, SendTimeout};
 use crate::wake::OnWake;
-use crate::{admin, router, App};
+use crate::{admin, lean, router, App};
 
 /// Which listener a connection came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -333,12 +332,18 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// [`FIRST_READ`], and more while what came is a strict beginning of the
 /// HTTP/2 preface, which hyper-util would otherwise wait for with no
 /// timeout. `None` when the client closed first.
-async fn first_bytes(stream: &mut TcpStream) -> std::io::Result<Option<BytesMut>> {
-    stream.readable().await?;
-    let mut first = BytesMut::with_capacity(FIRST_READ);
+async fn first_bytes(stream: &TcpStream) -> std::io::Result<Option<BytesMut>> {
+    let mut first = BytesMut::new();
     loop {
-        if stream.read_buf(&mut first).await? == 0 {
-            return Ok(None);
+        stream.readable().await?;
+        if first.capacity() == first.len() {
+            first.reserve(FIRST_READ);
+        }
+        match stream.try_read_buf(&mut first) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
         let n = first.len().min(H2_PREFACE.len());
         if first.len() >= H2_PREFACE.len() || first[..n] != H2_PREFACE[..n] {
@@ -450,6 +455,7 @@ impl Conn {
         proto: Proto,
         socket: Option<Arc<Socket>>,
         writes: ConnWrites,
+        answer: Option<http::Response<ResponseBody>>,
     ) -> Result<(), BoxError>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -466,6 +472,9 @@ impl Conn {
         // with a head under way at the second idle check, the head is cut
         // short.)
         let watch_idle = matches!(proto, Proto::Either);
+        // The answer the lean path made for the first request (which hyper
+        // reads again), if any.
+        let answer = std::sync::Mutex::new(answer);
         let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let app = current.borrow().clone();
             // hyper sends these responses' bodies chunked (see `crate::direct`).
@@ -479,12 +488,14 @@ impl Conn {
             }
             counted.requests.fetch_add(1, Ordering::Relaxed);
             let open = watch_idle.then(|| OpenRequest::new(&counted));
+            let answered = answer.lock().ok().and_then(|mut a| a.take());
             // Boxed: hyper keeps the slot for the request future for as long
             // as the connection lives; a stream is idle in it for minutes.
             Box::pin(async move {
-                let resp = match side {
-                    Side::Public => router::handle(app, req, info).await,
-                    Side::Admin => admin::handle(&app, req).await,
+                let resp = match (answered, side) {
+                    (Some(resp), _) => resp,
+                    (None, Side::Public) => router::handle(app, req.map(ClientBody::Hyper), info).await,
+                    (None, Side::Admin) => admin::handle(&app, req).await,
                 };
                 Ok::<_, Infallible>(resp.map(|body| Tracked { body, _open: open }))
             })
@@ -614,7 +625,7 @@ impl Conn {
                 };
                 let writes = ConnWrites::default();
                 let io = SendTimeout::new(tls, self.app.config.limits.send_timeout, writes.clone());
-                Some(self.drive(TokioIo::new(io), proto, None, writes).await)
+                Some(self.drive(TokioIo::new(io), proto, None, writes, None).await)
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
@@ -627,8 +638,33 @@ impl Conn {
         }
     }
 
-    async fn serve(&self, mut stream: TcpStream) {
+    /// The first bytes of a plain-TCP client's next request (see
+    /// [`first_bytes`]), within `limits.header_timeout`; `None` when there
+    /// is no request to serve.
+    async fn next_request(&self, stream: &TcpStream) -> Option<BytesMut> {
         let header_timeout = self.app.config.limits.header_timeout;
+        let first = tokio::select! {
+            r = tokio::time::timeout(header_timeout, first_bytes(stream)) => r,
+            _ = self.stop.cancelled() => return None,
+        };
+        match first {
+            Ok(Ok(Some(first))) => Some(first),
+            Ok(Ok(None)) => {
+                tracing::debug!("client closed before sending a request");
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "reading the request failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("no request within header_timeout");
+                None
+            }
+        }
+    }
+
+    async fn serve(&self, stream: TcpStream) {
         let result = match &self.tls {
             // Boxed: a TLS connection's state (rustls, the handshake) is
             // large, and a plain connection's future would be sized for it.
@@ -642,23 +678,51 @@ impl Conn {
                 // hyper's own header timeout runs from its first poll, so a
                 // head whose first byte came just before this one ran out
                 // gets up to twice as long. What is read here (usually the
-                // whole request head) goes to hyper first, which saves the
-                // `recv` a peek would cost.
-                let first = tokio::select! {
-                    r = tokio::time::timeout(header_timeout, first_bytes(&mut stream)) => r,
-                    _ = self.stop.cancelled() => return,
-                };
-                let first = match first {
-                    Ok(Ok(Some(first))) => first,
-                    Ok(Ok(None)) => return tracing::debug!("client closed before sending a request"),
-                    Ok(Err(e)) => return tracing::debug!(error = %e, "reading the request failed"),
-                    Err(_) => return tracing::debug!("no request within header_timeout"),
-                };
+                // whole request head) goes to the lean path or to hyper
+                // first, which saves the `recv` a peek would cost.
+                let Some(first) = self.next_request(&stream).await else { return };
                 let proto = if first.starts_with(H2_PREFACE) { Proto::Either } else { Proto::Http1 };
                 let writes = ConnWrites::default();
-                let (io, socket) = Socket::new(stream, first, writes.clone());
-                let io = SendTimeout::new(io, self.app.config.limits.send_timeout, writes.clone());
-                self.drive(TokioIo::new(io), proto, Some(socket), writes).await
+                let socket = Socket::new(stream, writes.clone());
+                let mut first = first.freeze();
+                let mut answer = None;
+                // Event streams on the lean path (`crate::lean`), for as
+                // long as the client's requests are for it; then hyper.
+                let plain_public = matches!(proto, Proto::Http1) && self.side == Side::Public;
+                while let Some((req, len)) = plain_public.then(|| lean::request(&first)).flatten() {
+                    // What came after the request (the next ones, pipelined),
+                    // copied: the read buffer is not held for the stream's life.
+                    let rest = Bytes::copy_from_slice(&first[len..]);
+                    let app = self.current.borrow().clone();
+                    let info = ConnInfo { peer: self.peer, tls: false };
+                    match lean::serve(app, req, std::mem::take(&mut first), &socket, info).await {
+                        lean::Served::Done(ahead) => {
+                            if self.stop.is_cancelled() {
+                                return;
+                            }
+                            first = if ahead.is_empty() { rest } else { [rest, ahead].concat().into() };
+                            if first.is_empty() {
+                                // Nothing came after the request: the next
+                                // one is waited for here, so that a client
+                                // that leaves costs no hyper connection.
+                                let Some(next) = self.next_request(socket.tcp()).await else { return };
+                                first = next.freeze();
+                            }
+                        }
+                        lean::Served::Fallback(resp, read) => {
+                            first = read;
+                            answer = Some(resp);
+                            break;
+                        }
+                        lean::Served::Closed => return,
+                    }
+                }
+                let io = SendTimeout::new(
+                    SharedIo::new(socket.clone(), first),
+                    self.app.config.limits.send_timeout,
+                    writes.clone(),
+                );
+                self.drive(TokioIo::new(io), proto, Some(socket), writes, answer).await
             }
         };
         if let Err(e) = result {

@@ -113,9 +113,14 @@ pub fn direct_response(
         _slot: slot,
     };
     let direct = match writer {
-        Writer::Direct(client) => {
+        Writer::Direct(client, inline) => {
             events.stats.stalled = Some(client.0.writes.clone());
-            Some(Direct::new(client, send_timeout))
+            let direct = Direct::new(client, send_timeout);
+            if let Some(inline) = inline {
+                inline.put(EventStream { events: Some(events), direct: Some(direct), pump: None });
+                return Response::from_parts(head, crate::body::empty());
+            }
+            Some(direct)
         }
         Writer::Hyper(stalled) => {
             events.stats.stalled = stalled;
@@ -132,8 +137,10 @@ pub fn direct_response(
 
 /// Who writes an event stream to the client.
 pub enum Writer {
-    /// The stream itself, on the client's plain HTTP/1.1 socket (`crate::direct`).
-    Direct(ClientSocket),
+    /// The stream itself, on the client's plain HTTP/1.1 socket
+    /// (`crate::direct`); with an [`Inline`], the lean path takes the stream
+    /// from there and it writes the head too.
+    Direct(ClientSocket, Option<Inline>),
     /// hyper, which polls the body (HTTP/1.1 over TLS, whose blocked writes
     /// `crate::send_timeout` times, and HTTP/1.0), with its connection's
     /// [`ConnWrites`]: a connection given up for a blocked write ends its
@@ -211,6 +218,75 @@ impl Body for EventStream {
     }
 }
 
+/// The lean path's (`crate::lean`) place for a request's event stream: the
+/// stream is left here, not in the response body, for the lean path to
+/// write, head included ([`EventStream::spawn_whole`]).
+#[derive(Clone, Default)]
+pub struct Inline(Arc<std::sync::Mutex<Option<EventStream>>>);
+
+impl Inline {
+    fn put(&self, stream: EventStream) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(stream);
+        }
+    }
+
+    /// The stream left here, if the response was one.
+    pub fn take(&self) -> Option<EventStream> {
+        self.0.lock().ok()?.take()
+    }
+}
+
+impl EventStream {
+    /// The lean path: `head`, the encoded response head, goes out with the
+    /// first chunk (see [`EventStream::spawn_whole`]).
+    pub fn set_head(&mut self, head: Bytes) {
+        if let Some(direct) = &mut self.direct {
+            direct.set_head(head);
+        }
+    }
+
+    /// The lean path: writes the whole stream in a task of its own, which
+    /// the upstream wakes, as `pump` does after hyper's head: the head
+    /// (with the first chunk, or alone when no event is ready at the first
+    /// poll), the events, and then the body's last chunk (with the stream's
+    /// last frame when `pump` leaves one). Dropping the handle aborts it.
+    pub fn spawn_whole(mut self) -> AbortOnDropHandle<std::io::Result<Option<Bytes>>> {
+        let (events, direct) = (self.events.take(), self.direct.take());
+        let (Some(events), Some(mut direct)) = (events, direct) else {
+            return AbortOnDropHandle::new(tokio::spawn(std::future::ready(Ok(None))));
+        };
+        spawn_stream(events, move |events, cx| write_whole(events, &mut direct, cx).map_ok(|()| None))
+    }
+}
+
+/// [`EventStream::spawn_whole`]'s task: ready once all of the stream is out.
+fn write_whole(events: &mut Events, direct: &mut Direct, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    loop {
+        if direct.ended() {
+            return direct.poll_flush(cx);
+        }
+        match pump(events, direct, cx) {
+            Poll::Ready(Ok(last)) => direct.end(last),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                direct.head_alone();
+                return match direct.poll_flush(cx) {
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    _ => Poll::Pending,
+                };
+            }
+        }
+    }
+}
+
+/// Whether a stream's write error is the `Stall` clock's: the client took
+/// nothing for `limits.send_timeout`. Not any `TimedOut`: the kernel's own,
+/// for a client whose retransmissions ran out, is `client_gone`.
+fn stalled(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<crate::send_timeout::Stalled>())
+}
+
 /// Runs a stream in a task of its own (`pump` or `relay` as `step`), which
 /// the upstream wakes, until it is over; dropping the handle aborts it. It
 /// ends with the frame left for hyper to send, if any. A stream the client
@@ -224,9 +300,7 @@ fn spawn_stream(
     let task = std::future::poll_fn(move |cx| {
         let result = step(&mut events, cx);
         if let Poll::Ready(Err(e)) = &result {
-            // This clock's error, not any `TimedOut` (the kernel's own, for
-            // a client whose retransmissions ran out, is `client_gone`).
-            if e.get_ref().is_some_and(|inner| inner.is::<crate::send_timeout::Stalled>()) {
+            if stalled(e) {
                 events.stats.outcome = "send_timeout";
             }
         }

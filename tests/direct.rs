@@ -592,3 +592,59 @@ async fn h2c_prior_knowledge_works_through_the_proxy() {
     let resp = h2.get(proxy.url("/nowhere")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
+
+/// One plain HTTP/1.1 connection carrying event streams (which the lean
+/// path writes), a request for a plain body (hyper sends the answer made for
+/// it), and another event stream (then hyper's): each answer is whole, in
+/// order, and framed as hyper frames them.
+#[tokio::test]
+async fn event_streams_and_other_requests_share_one_connection_in_order() {
+    let upstream = Upstream::start(|seen| {
+        if seen.uri.path().ends_with("/events") {
+            Reply::chunks("text/event-stream", &[b"data: a\n\n", b"data: b\n\n"])
+        } else {
+            Reply::full(200, "text/plain", "plain")
+        }
+    })
+    .await;
+    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let get = |path: &str, extra: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\n{extra}\r\n");
+    let sse = "accept: text/event-stream\r\n";
+    // Two streams asked for at once (the second waits behind the first).
+    s.write_all(format!("{}{}", get("/v1/events", sse), get("/v1/events", sse)).as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let first = read_until(&mut s, &mut buf, b"\r\n0\r\n\r\n").await;
+    let head = String::from_utf8_lossy(&buf[..first]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains("\r\ntransfer-encoding: chunked\r\n"), "{head}");
+    assert!(head.contains("\r\ndate: "), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    let (a, b) = (head.find("data: a\n\n"), head.find("data: b\n\n"));
+    assert!(a.is_some() && a < b, "{head}");
+    buf.drain(..first);
+    let second = read_until(&mut s, &mut buf, b"\r\n0\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&buf[..second]).to_string();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.contains("data: a") && text.contains("data: b"), "{text}");
+    buf.drain(..second);
+    // A plain body, then a stream on a connection the client closes.
+    s.write_all(get("/v1/plain", "").as_bytes()).await.unwrap();
+    let head = read_until(&mut s, &mut buf, b"\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&buf[..head]).to_string();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.contains("content-type: text/plain"), "{text}");
+    let end: &[u8] = if text.contains("transfer-encoding: chunked") { b"5\r\nplain\r\n0\r\n\r\n" } else { b"plain" };
+    let plain = read_until(&mut s, &mut buf, end).await;
+    assert_eq!(&buf[head..plain], end, "{}", String::from_utf8_lossy(&buf));
+    buf.drain(..plain);
+    s.write_all(get("/v1/events", &format!("{sse}connection: close\r\n")).as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut s, &mut rest))
+        .await
+        .expect("the last response did not end")
+        .expect("read failed");
+    buf.extend_from_slice(&rest);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("data: a") && text.contains("data: b") && text.ends_with("\r\n0\r\n\r\n"), "{text}");
+    assert_eq!(upstream.count(), 4);
+}
