@@ -1,5 +1,5 @@
 //! The lean path: a plain-TCP HTTP/1.1 `GET` whose answer is an event
-//! stream is served by the connection's task alone, without hyper.
+//! stream is served without hyper.
 //!
 //! When the client's first read holds a whole request head that is a plain
 //! `GET` (HTTP/1.1, origin-form target, no body, no `Expect`, `Upgrade` or
@@ -7,8 +7,11 @@
 //! (httparse, header values sharing the read buffer) and routed as hyper's
 //! requests are. When the answer is an event stream (`crate::stream`), the
 //! stream's task writes all of it: the head with the first chunk, the
-//! events as they come, the last chunk; the connection's task watches the
-//! socket for the client leaving meanwhile. The next requests on the
+//! events as they come, the last chunk. From the request on, the
+//! connection's task watches the socket, as hyper does: a client that
+//! leaves, before the answer or during the stream, ends the routing or the
+//! stream (and the upstream request), and what it sends meanwhile (its next
+//! request) is read once and kept for later. The next requests on the
 //! connection are taken the same way, or by hyper once one is not for the
 //! lean path.
 //!
@@ -40,10 +43,8 @@ use crate::{router, App};
 /// hyper's.
 const MAX_HEADERS: usize = 64;
 
-/// How much a client may send after its request while the stream goes out
-/// (the next requests, pipelined) before the socket is no longer read until
-/// the stream is over, as hyper stops reading at its buffer's limit.
-const MAX_AHEAD: usize = 64 * 1024;
+/// The most read at once from a client while its stream goes out.
+const AHEAD_READ: usize = 4096;
 
 /// `first`'s request, when it is one for the lean path, and the length of
 /// its head.
@@ -94,32 +95,48 @@ pub enum Served {
 /// `socket`.
 pub async fn serve(
     app: Arc<App>,
-    mut req: Request<ClientBody>,
+    req: Request<ClientBody>,
     read: Bytes,
     socket: &Arc<Socket>,
     info: ConnInfo,
 ) -> Served {
-    let inline = Inline::default();
-    req.extensions_mut().insert(ClientSocket(socket.clone()));
-    req.extensions_mut().insert(inline.clone());
-    let resp = router::handle(app, req, info).await;
-    let Some(mut stream) = inline.take() else {
-        return Served::Fallback(resp, read);
+    let mut ahead = BytesMut::new();
+    // The routing, while the socket is watched too: a client that leaves
+    // before the answer's head ends it, and the upstream request with it.
+    // In a block, so that the answer and the stream, taken after the
+    // routing's await, take no room in the connection's future.
+    let mut task = {
+        let mut routing = std::pin::pin!(route(app, req, socket, info));
+        let routed = std::future::poll_fn(|cx| {
+            if ahead.is_empty() && watch(socket.tcp(), &mut ahead, cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            routing.as_mut().poll(cx).map(Some)
+        })
+        .await;
+        let Some((resp, inline)) = routed else {
+            tracing::debug!("client left before the answer");
+            return Served::Closed;
+        };
+        let Some(mut stream) = inline.take() else {
+            // hyper reads the request again, and what came after it.
+            let again = if ahead.is_empty() { read } else { [read, ahead.freeze()].concat().into() };
+            return Served::Fallback(resp, again);
+        };
+        stream.set_head(encode_head(&resp.into_parts().0));
+        stream.spawn_whole()
     };
     // Not held for the stream's life (the request's header values shared it).
     drop(read);
-    stream.set_head(encode_head(&resp.into_parts().0));
-    let mut task = stream.spawn_whole();
-    let mut ahead = BytesMut::new();
-    let mut open = true;
     // Woken by the client's socket and by the stream's end only: the
     // stream's task writes the events.
     let ended = std::future::poll_fn(|cx| {
-        if open && ahead.len() < MAX_AHEAD && watch(socket.tcp(), &mut ahead, cx).is_ready() {
+        // As hyper: the socket is read until something came (the next
+        // request, pipelined), then left until the stream is over.
+        if ahead.is_empty() && watch(socket.tcp(), &mut ahead, cx).is_ready() {
             // hyper (without `half_close`) takes the end of the client's
             // side as the client gone, and so does this: dropping the
             // handle ends the stream, as hyper drops a body.
-            open = false;
             return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)));
         }
         Pin::new(&mut task).poll(cx).map(|r| match r {
@@ -138,20 +155,34 @@ pub async fn serve(
     }
 }
 
-/// Reads what the client sends while its stream goes out into `ahead`;
-/// ready once the client closed its side or the socket failed.
+/// Routes `req`, with the place for its event stream.
+async fn route(
+    app: Arc<App>,
+    mut req: Request<ClientBody>,
+    socket: &Arc<Socket>,
+    info: ConnInfo,
+) -> (Response<ResponseBody>, Inline) {
+    let inline = Inline::default();
+    req.extensions_mut().insert(ClientSocket(socket.clone()));
+    req.extensions_mut().insert(inline.clone());
+    (router::handle(app, req, info).await, inline)
+}
+
+/// Reads what the client sends while its request is served into `ahead`
+/// (nothing is allocated until something came); ready once the client
+/// closed its side or the socket failed.
 fn watch(tcp: &TcpStream, ahead: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
     loop {
         if ready!(tcp.poll_read_ready(cx)).is_err() {
             return Poll::Ready(());
         }
-        if ahead.capacity() - ahead.len() < 1024 {
-            ahead.reserve(4096);
-        }
-        match tcp.try_io(Interest::READABLE, || tcp.try_read_buf(ahead)) {
+        let mut buf = [0u8; AHEAD_READ];
+        match tcp.try_io(Interest::READABLE, || tcp.try_read(&mut buf)) {
             Ok(0) => return Poll::Ready(()),
-            Ok(_) if ahead.len() >= MAX_AHEAD => return Poll::Pending,
-            Ok(_) => {}
+            Ok(n) => {
+                ahead.extend_from_slice(&buf[..n]);
+                return Poll::Pending;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => return Poll::Ready(()),
         }

@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -339,9 +340,24 @@ async fn first_bytes(stream: &TcpStream) -> std::io::Result<Option<BytesMut>> {
         if first.capacity() == first.len() {
             first.reserve(FIRST_READ);
         }
-        match stream.try_read_buf(&mut first) {
+        // Less than there was room for: the socket is empty. Its readiness
+        // is cleared (`WouldBlock` here), so that the next read (the lean
+        // path's watch, or hyper's) waits for the socket instead of costing
+        // a `recv` that finds nothing, as `SharedIo` reads.
+        let room = first.capacity() - first.len();
+        let mut drained = false;
+        let read = stream.try_io(Interest::READABLE, || {
+            let n = stream.try_read_buf(&mut first)?;
+            if n > 0 && n < room {
+                drained = true;
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match read {
             Ok(0) => return Ok(None),
             Ok(_) => {}
+            Err(_) if drained => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }

@@ -648,3 +648,24 @@ async fn event_streams_and_other_requests_share_one_connection_in_order() {
     assert!(text.contains("data: a") && text.contains("data: b") && text.ends_with("\r\n0\r\n\r\n"), "{text}");
     assert_eq!(upstream.count(), 4);
 }
+
+/// A client that leaves while its event stream's upstream has not answered
+/// yet (a model still queued) ends the upstream request at once, not when
+/// the head comes (up to `first_byte_timeout`, 120 s here).
+#[tokio::test]
+async fn a_client_that_leaves_before_the_head_cancels_the_upstream_request() {
+    let mut upstream = RawUpstream::start().await;
+    let proxy = Proxy::start(support::config(upstream.addr)).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(b"GET /v1/generate HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n").await.unwrap();
+    let mut up = upstream.accept().await;
+    let mut request = Vec::new();
+    read_until(&mut up, &mut request, b"\r\n\r\n").await;
+    drop(client);
+    let mut rest = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut up, &mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the upstream request was not ended within 10 s of the client leaving: {closed:?}"
+    );
+}
