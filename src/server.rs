@@ -664,20 +664,12 @@ impl Conn {
             _ = self.stop.cancelled() => return None,
         };
         match first {
-            Ok(Ok(Some(first))) => Some(first),
-            Ok(Ok(None)) => {
-                tracing::debug!("client closed before sending a request");
-                None
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "reading the request failed");
-                None
-            }
-            Err(_) => {
-                tracing::debug!("no request within header_timeout");
-                None
-            }
+            Ok(Ok(Some(first))) => return Some(first),
+            Ok(Ok(None)) => tracing::debug!("client closed before sending a request"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "reading the request failed"),
+            Err(_) => tracing::debug!("no request within header_timeout"),
         }
+        None
     }
 
     async fn serve(&self, stream: TcpStream) {
