@@ -7,6 +7,12 @@
 #   benches/load/syscalls.sh              # fan-in: 2,000 streams × 60 events, 100 ms apart
 #   SCENARIO=typing benches/load/syscalls.sh   # typing: 100 streams × 200 events, 20 ms apart
 #   SCENARIO=setup benches/load/syscalls.sh    # set-ups: 2,000 streams of one event each
+#   SCENARIO=burst benches/load/syscalls.sh    # the fan-in's ramp alone: 2,000 streams of two
+#                                              # events 1 s apart, started over 100 ms
+#
+# A `setup` stream ends at once, so its upstream connection serves the next
+# one; `burst` streams overlap, so each needs a connection of its own, as
+# in the fan-in's ramp, without its events.
 #
 # Prints, per proxy, the count of each system call that was made at all,
 # and the proxy's CPU time (task-clock), page faults and context switches.
@@ -29,8 +35,9 @@ case ${SCENARIO:-fanin} in
   fanin) streams=2000 query="n=60&size=64&interval_ms=100&format=sse" extra=(--warmup-events 10) ;;
   typing) streams=100 query="n=200&size=64&interval_ms=20&format=sse" extra=() ;;
   setup) streams=2000 query="n=1&size=64&interval_ms=0&format=sse" extra=(--spread-ms 0) ;;
+  burst) streams=2000 query="n=2&size=64&interval_ms=1000&format=sse" extra=(--spread-ms 100) ;;
   *)
-    echo "error: SCENARIO is fanin, typing or setup" >&2
+    echo "error: SCENARIO is fanin, typing, setup or burst" >&2
     exit 1
     ;;
 esac
@@ -74,6 +81,10 @@ for target in ssegate nginx; do
   wait "$perf_pid" || true
   delivered=$(grep -o '"events":[0-9]*' "$out/$target.json" | head -1 | cut -d: -f2)
   echo "== $target: $streams streams, $delivered events"
+  # How long the set-ups took, as the client saw them.
+  for figure in "last_first_event_ms last stream's first event" "head_p50_ms response head p50"; do
+    printf '  %.1f ms %s\n' "$(grep -o "\"${figure%% *}\":[0-9.]*" "$out/$target.json" | cut -d: -f2)" "${figure#* }"
+  done
   awk '/sys_enter/ && $1 != "0" { gsub(",", "", $1); sub("syscalls:sys_enter_", "", $2); print "  " $1, $2 }
     /task-clock|page-faults|context-switches/ { gsub(",", "", $1); print "  " $1, ($2 == "msec" ? "ms " $3 : $2) }' \
     "$out/$target.perf"
