@@ -28,13 +28,13 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// themselves, in the allocations of whichever requests came while the
 /// memory of many closed streams decayed: after 9,000 idle streams closed,
 /// the next scenario's streams waited 5 to 10 ms for their first event in 3
-/// of 5 runs (none of 5 with it; `benches/load/run.sh`, see the README).
+/// of 5 runs (none of 5 with it; `benches/load/run.sh`, see docs/benchmarks-log.md).
 ///
 /// Freed memory goes back over about five minutes (`dirty_decay_ms`), not
 /// jemalloc's ten seconds: the next burst of streams reuses it instead of
 /// faulting fresh pages in, which cost 3.3 µs each here: a burst of 2,000
 /// new streams 30 s after the last faults a fifth to two fifths as many pages
-/// and takes 1 to 11% less CPU (`benches/load/refault.sh`, see the README). After a burst the RSS falls over those minutes instead of
+/// and takes 1 to 11% less CPU (`benches/load/refault.sh`, see docs/benchmarks-log.md). After a burst the RSS falls over those minutes instead of
 /// seconds; `MALLOC_CONF=dirty_decay_ms:10000` in the environment gives
 /// jemalloc's default back.
 ///
