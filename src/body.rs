@@ -17,38 +17,9 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 /// What every upstream request carries.
 pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// A client's request body: hyper's, or none (a request the lean HTTP/1.1
-/// path read itself, which has no body: `crate::lean`).
-pub enum ClientBody {
-    Hyper(hyper::body::Incoming),
-    Empty,
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx),
-            ClientBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::Hyper(body) => body.is_end_stream(),
-            ClientBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::Hyper(body) => body.size_hint(),
-            ClientBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
+/// A client's request body: hyper's (`Left`), or none (`Right`: a request
+/// the lean HTTP/1.1 path read itself, which has no body: `crate::lean`).
+pub type ClientBody = http_body_util::Either<hyper::body::Incoming, Empty<Bytes>>;
 
 /// A whole body in one piece.
 pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {

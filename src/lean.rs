@@ -72,7 +72,7 @@ pub fn request(first: &Bytes) -> Option<(Request<ClientBody>, usize)> {
         }
         map.append(name, HeaderValue::from_maybe_shared(first.slice_ref(h.value)).ok()?);
     }
-    let mut req = Request::new(ClientBody::Empty);
+    let mut req = Request::new(ClientBody::Right(http_body_util::Empty::new()));
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = map;

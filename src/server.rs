@@ -510,7 +510,7 @@ impl Conn {
             Box::pin(async move {
                 let resp = match (answered, side) {
                     (Some(resp), _) => resp,
-                    (None, Side::Public) => router::handle(app, req.map(ClientBody::Hyper), info).await,
+                    (None, Side::Public) => router::handle(app, req.map(ClientBody::Left), info).await,
                     (None, Side::Admin) => admin::handle(&app, req).await,
                 };
                 Ok::<_, Infallible>(resp.map(|body| Tracked { body, _open: open }))
