@@ -6,6 +6,7 @@
 //! ssegate-load client --url 'http://127.0.0.1:18081/v1/stream?n=200&size=64&interval_ms=20&format=sse' \
 //!      --streams 100 [--handoff] [--pid PID] [--idle-hold-ms 2000] --scenario typing --target ssegate
 //! ssegate-load report results.jsonl
+//! ssegate-load summary runs/1.jsonl runs/2.jsonl …
 //! ```
 //!
 //! The upstream answers `GET`/`POST /ANY/PATH?n=N&size=S&interval_ms=I&format=sse|ndjson|text`
@@ -69,6 +70,13 @@ enum Cmd {
         /// The JSON-lines file the clients wrote.
         file: std::path::PathBuf,
     },
+    /// The issue's goals over several runs (`RUNS=N benches/load/run.sh`):
+    /// each goal's ratio (median, lowest, highest) and how many runs met it.
+    Summary {
+        /// One JSON-lines file per run.
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -121,7 +129,7 @@ struct ClientArgs {
 
 fn main() {
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Report { .. }) {
+    if !matches!(cli.cmd, Cmd::Report { .. } | Cmd::Summary { .. }) {
         presize_fd_table();
     }
     match cli.cmd {
@@ -131,6 +139,7 @@ fn main() {
             println!("{line}");
         }
         Cmd::Report { file } => report(&file),
+        Cmd::Summary { files } => summary(&files),
     }
 }
 
@@ -948,23 +957,153 @@ fn summarize(
 
 // ------------------------------------------------------------------ report
 
-fn report(file: &std::path::Path) {
+/// The JSON lines one run's clients wrote.
+fn read_rows(file: &std::path::Path) -> Vec<Value> {
     let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    let rows: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    // A scenario run several times (rounds): the median of each figure.
-    let get = |scenario: &str, target: &str, key: &str| -> Option<f64> {
-        let mut v: Vec<f64> = rows
-            .iter()
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// The median of a list of figures.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[n / 2]),
+        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// A figure of one target in one scenario; of a scenario run several times
+/// (rounds), the median.
+fn figure(rows: &[Value], scenario: &str, target: &str, key: &str) -> Option<f64> {
+    median(
+        rows.iter()
             .filter(|r| r["scenario"] == scenario && r["target"] == target)
             .filter_map(|r| r[key].as_f64())
-            .collect();
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => None,
-            n if n % 2 == 1 => Some(v[n / 2]),
-            n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+            .collect(),
+    )
+}
+
+/// One of the issue's goals: a figure of ssegate's against the same of
+/// nginx's, in the same run.
+struct Goal {
+    name: &'static str,
+    ssegate: Option<f64>,
+    nginx: Option<f64>,
+    /// Whether ssegate's has to be at least nginx's (else at most).
+    higher: bool,
+}
+
+impl Goal {
+    fn ratio(&self) -> Option<f64> {
+        match (self.ssegate, self.nginx) {
+            (Some(s), Some(n)) if n != 0.0 && s.is_finite() && n.is_finite() => Some(s / n),
+            _ => None,
         }
+    }
+
+    /// `None` when the run did not measure it.
+    fn met(&self) -> Option<bool> {
+        let (s, n) = (self.ssegate?, self.nginx?);
+        Some(if self.higher { s >= n } else { s <= n })
+    }
+}
+
+/// The issue's goals (6/7, item 4), as ratios in one run: ssegate ≥ nginx
+/// on events/s, ≤ nginx on CPU per million events, added latency p99 and
+/// RSS per idle stream; for each scenario that has the figure. Compared
+/// unrounded: the table's two decimals can hide a miss.
+fn goals(rows: &[Value]) -> Vec<Goal> {
+    let get = |scenario: &str, target: &str, key: &str| figure(rows, scenario, target, key);
+    let added_p99 = |scenario: &str, target: &str| {
+        Some(get(scenario, target, "lat_p99_us")? - get(scenario, "direct", "lat_p99_us")?)
     };
+    let goal = |name, scenario: &str, key: &str, higher| Goal {
+        name,
+        ssegate: get(scenario, "ssegate", key),
+        nginx: get(scenario, "nginx", key),
+        higher,
+    };
+    let added = |name, scenario: &str| Goal {
+        name,
+        ssegate: added_p99(scenario, "ssegate"),
+        nginx: added_p99(scenario, "nginx"),
+        higher: false,
+    };
+    let cpu = "proxy_cpu_s_per_m_events";
+    vec![
+        added("typing: added latency p99", "typing"),
+        goal("typing: CPU-s per 1M events", "typing", cpu, false),
+        goal("flat out: events/s", "flat", "events_per_s", true),
+        goal("flat out: CPU-s per 1M events", "flat", cpu, false),
+        goal("fan-in: events/s", "fanin", "events_per_s", true),
+        added("fan-in: added latency p99", "fanin"),
+        goal("fan-in: CPU-s per 1M events", "fanin", cpu, false),
+        goal("idle: RSS per open stream", "idle", "proxy_rss_per_stream_b", false),
+        goal("large: events/s", "large", "events_per_s", true),
+        goal("large: CPU-s per 1M events", "large", cpu, false),
+    ]
+}
+
+/// The goals of one run, after its table: each with both figures and the
+/// unrounded ratio, then which were missed.
+fn print_goals(goals: &[Goal]) {
+    let mut table = Table::default();
+    table.row(&["goal", "ssegate", "nginx", "ssegate/nginx", "met"]);
+    for g in goals {
+        let met = match g.met() {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "not measured",
+        };
+        let r = g.ratio().map_or(String::new(), |r| format!("{r:.4}"));
+        table.row(&[g.name, &num(g.ssegate), &num(g.nginx), &r, met]);
+    }
+    println!();
+    table.print_aligned(1);
+    let missed: Vec<&str> = goals.iter().filter(|g| g.met() == Some(false)).map(|g| g.name).collect();
+    let measured = goals.iter().filter(|g| g.met().is_some()).count();
+    println!();
+    if missed.is_empty() {
+        println!("Goals: met {measured} of {measured} measured.");
+    } else {
+        println!("Goals: met {} of {measured} measured; missed: {}.", measured - missed.len(), missed.join("; "));
+    }
+}
+
+/// The goals over several runs: per goal the median, lowest and highest
+/// ratio and how many runs met it; then how many runs met every goal.
+fn summary(files: &[std::path::PathBuf]) {
+    let runs: Vec<Vec<Goal>> = files.iter().map(|f| goals(&read_rows(f))).collect();
+    let mut table = Table::default();
+    table.row(&["goal", "ssegate/nginx median", "lowest", "highest", "runs that met it"]);
+    let Some(first) = runs.first() else { return };
+    for (i, g) in first.iter().enumerate() {
+        let ratios: Vec<f64> = runs.iter().filter_map(|r| r[i].ratio()).collect();
+        let low = ratios.iter().copied().reduce(f64::min);
+        let high = ratios.iter().copied().reduce(f64::max);
+        let met = runs.iter().filter(|r| r[i].met() == Some(true)).count();
+        let measured = runs.iter().filter(|r| r[i].met().is_some()).count();
+        let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
+        let runs_met = if measured == 0 { "not measured".to_string() } else { format!("{met} of {measured}") };
+        table.row(&[g.name, &f(median(ratios.clone())), &f(low), &f(high), &runs_met]);
+    }
+    println!("The goals over {} runs (ssegate/nginx, unrounded):", runs.len());
+    table.print_aligned(1);
+    println!();
+    let all = runs.iter().filter(|r| r.iter().all(|g| g.met() != Some(false))).count();
+    println!("Runs that met every goal they measured: {all} of {}.", runs.len());
+    for (f, r) in files.iter().zip(&runs) {
+        let missed: Vec<&str> = r.iter().filter(|g| g.met() == Some(false)).map(|g| g.name).collect();
+        let what =
+            if missed.is_empty() { "met every goal".to_string() } else { format!("missed {}", missed.join("; ")) };
+        println!("  {}: {what}", f.display());
+    }
+}
+
+fn report(file: &std::path::Path) {
+    let rows = read_rows(file);
+    let get = |scenario: &str, target: &str, key: &str| figure(&rows, scenario, target, key);
     let rounds = |scenario: &str| rows.iter().filter(|r| r["scenario"] == scenario && r["target"] == "ssegate").count();
     let median_of = |scenario: &str| match rounds(scenario) {
         n if n > 1 => format!(" (median of {n})"),
@@ -1118,6 +1257,7 @@ fn report(file: &std::path::Path) {
             up / ev * 1e6
         );
     }
+    print_goals(&goals(&rows));
 }
 
 fn na(v: Option<f64>, applies: bool) -> String {
@@ -1169,6 +1309,12 @@ impl Table {
     }
 
     fn print(&self) {
+        self.print_aligned(2);
+    }
+
+    /// Prints the table with its first `left` columns aligned left, the
+    /// rest (numbers) right.
+    fn print_aligned(&self, left: usize) {
         let cols = self.0[0].len();
         let width: Vec<usize> =
             (0..cols).map(|c| self.0.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
@@ -1178,7 +1324,7 @@ impl Table {
                 .enumerate()
                 .map(|(c, v)| {
                     let pad = width[c] - v.chars().count();
-                    if c < 2 {
+                    if c < left {
                         format!("{v}{}", " ".repeat(pad))
                     } else {
                         format!("{}{v}", " ".repeat(pad))
@@ -1188,10 +1334,74 @@ impl Table {
             println!("| {} |", cells.join(" | "));
             if i == 0 {
                 let rule: Vec<String> = (0..cols)
-                    .map(|c| if c < 2 { "-".repeat(width[c]) } else { format!("{}:", "-".repeat(width[c] - 1)) })
+                    .map(|c| if c < left { "-".repeat(width[c]) } else { format!("{}:", "-".repeat(width[c] - 1)) })
                     .collect();
                 println!("| {} |", rule.join(" | "));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One client line with the given figures.
+    fn line(scenario: &str, target: &str, figures: &[(&str, f64)]) -> Value {
+        let mut v = json!({ "scenario": scenario, "target": target });
+        for (key, value) in figures {
+            v[*key] = json!(value);
+        }
+        v
+    }
+
+    fn goal<'a>(goals: &'a [Goal], name: &str) -> &'a Goal {
+        goals.iter().find(|g| g.name == name).expect("no such goal")
+    }
+
+    #[test]
+    fn a_miss_the_rounded_table_hides_is_a_miss() {
+        let rows = [
+            line("fanin", "ssegate", &[("events_per_s", 19_145.0)]),
+            line("fanin", "nginx", &[("events_per_s", 19_154.0)]),
+        ];
+        assert_eq!(ratio(Some(19_145.0), Some(19_154.0)), "1.00");
+        let goals = goals(&rows);
+        let g = goal(&goals, "fan-in: events/s");
+        assert_eq!(g.met(), Some(false));
+        assert!((g.ratio().unwrap() - 0.99953).abs() < 1e-5);
+    }
+
+    #[test]
+    fn added_latency_is_over_the_direct_baseline() {
+        // ssegate's p99 is lower than nginx's in proportion to the whole,
+        // but what it adds to the direct figure is more.
+        let rows = [
+            line("typing", "direct", &[("lat_p99_us", 100.0)]),
+            line("typing", "ssegate", &[("lat_p99_us", 300.0)]),
+            line("typing", "nginx", &[("lat_p99_us", 250.0)]),
+        ];
+        let goals = goals(&rows);
+        let g = goal(&goals, "typing: added latency p99");
+        assert_eq!((g.ssegate, g.nginx), (Some(200.0), Some(150.0)));
+        assert_eq!(g.met(), Some(false));
+    }
+
+    #[test]
+    fn rounds_count_by_their_median_and_unrun_goals_are_not_measured() {
+        let cpu = "proxy_cpu_s_per_m_events";
+        let rows = [
+            line("flat", "ssegate", &[(cpu, 0.09)]),
+            line("flat", "nginx", &[(cpu, 0.10)]),
+            line("flat", "ssegate", &[(cpu, 0.20)]),
+            line("flat", "nginx", &[(cpu, 0.10)]),
+            line("flat", "ssegate", &[(cpu, 0.08)]),
+            line("flat", "nginx", &[(cpu, 0.10)]),
+        ];
+        let goals = goals(&rows);
+        let g = goal(&goals, "flat out: CPU-s per 1M events");
+        assert_eq!((g.ssegate, g.met()), (Some(0.09), Some(true)));
+        assert_eq!(goal(&goals, "idle: RSS per open stream").met(), None);
+        assert_eq!(goal(&goals, "flat out: events/s").met(), None);
     }
 }

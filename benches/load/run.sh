@@ -14,6 +14,10 @@
 # at most for the machine to be idle before starting. SCENARIOS (default
 # "idle typing handoff fanin flat large") picks which scenarios run, SSEGATE_BIN
 # (default: the one this script builds) which ssegate binary is measured.
+# RUNS=N (default 1) runs the whole script N times after one build, each
+# with fresh processes, then prints the goals over the N runs (each goal's
+# median, lowest and highest ratio and how many runs met it); the raw
+# results of run i are in target/load/runs/i.jsonl.
 # ssegate is built with profile-guided optimisation from the profile
 # benches/load/pgo.sh made for this rustc release, when there is one; PGO=0
 # builds it without (the first lines of the output say which).
@@ -34,6 +38,7 @@ admin_port=${LOAD_ADMIN_PORT:-18083}
 idle_streams=${IDLE_STREAMS:-9000}
 rounds=${ROUNDS:-3}
 quiet_wait=${QUIET_WAIT:-60}
+runs=${RUNS:-1}
 scenarios=" ${SCENARIOS:-idle typing handoff fanin flat large} "
 # want NAME: whether the scenario NAME was asked for.
 want() { [[ $scenarios == *" $1 "* ]]; }
@@ -85,6 +90,23 @@ echo "$pgo_note; built by run.sh from $(git rev-parse --short HEAD 2>/dev/null |
 load=$bin_dir/ssegate-load
 ssegate=${SSEGATE_BIN:-$bin_dir/ssegate}
 
+# Several runs: this script again for each (its build is then a no-op),
+# each run's raw results kept apart, then the goals over all of them.
+if [ "$runs" -gt 1 ]; then
+  rm -rf "$out/runs"
+  mkdir -p "$out/runs"
+  files=()
+  for i in $(seq "$runs"); do
+    echo
+    echo "run $i of $runs"
+    RUNS=1 LOAD_RESULTS="$out/runs/$i.jsonl" "$0" "$@"
+    files+=("${out#"$root"/}/runs/$i.jsonl")
+  done
+  echo
+  "$load" summary "${files[@]}"
+  exit 0
+fi
+
 ports_free "$up_port" "$sg_port" "$ng_port" "$admin_port" || {
   echo "(LOAD_UPSTREAM_PORT, LOAD_SSEGATE_PORT, LOAD_NGINX_PORT and LOAD_ADMIN_PORT pick others)" >&2
   exit 1
@@ -115,7 +137,7 @@ wait_port "$ng_port" nginx
 
 echo "machine: $(nproc) cores, $(uname -sr); $("$nginx_bin" -v 2>&1); $("$ssegate" --version 2>/dev/null || echo ssegate)"
 
-results=$out/results.jsonl
+results=${LOAD_RESULTS:-$out/results.jsonl}
 : >"$results"
 
 # run SCENARIO QUERY STREAMS [client options...]: the scenario against the
