@@ -996,10 +996,7 @@ struct Goal {
 
 impl Goal {
     fn ratio(&self) -> Option<f64> {
-        match (self.ssegate, self.nginx) {
-            (Some(s), Some(n)) if n != 0.0 && s.is_finite() && n.is_finite() => Some(s / n),
-            _ => None,
-        }
+        quotient(self.ssegate, self.nginx)
     }
 
     /// `None` when the run did not measure it.
@@ -1086,7 +1083,7 @@ fn summary(files: &[std::path::PathBuf]) {
         let measured = runs.iter().filter(|r| r[i].met().is_some()).count();
         let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
         let runs_met = if measured == 0 { "not measured".to_string() } else { format!("{met} of {measured}") };
-        table.row(&[g.name, &f(median(ratios.clone())), &f(low), &f(high), &runs_met]);
+        table.row(&[g.name, &f(median(ratios)), &f(low), &f(high), &runs_met]);
     }
     println!("The goals over {} runs (ssegate/nginx, unrounded):", runs.len());
     table.print_aligned(1);
@@ -1293,11 +1290,16 @@ fn num(v: Option<f64>) -> String {
     }
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+/// `a / b` when both are there, finite, and `b` is not zero.
+fn quotient(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
-        (Some(a), Some(b)) if b != 0.0 && a.is_finite() && b.is_finite() => format!("{:.2}", a / b),
-        _ => String::new(),
+        (Some(a), Some(b)) if b != 0.0 && a.is_finite() && b.is_finite() => Some(a / b),
+        _ => None,
     }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    quotient(a, b).map_or(String::new(), |r| format!("{r:.2}"))
 }
 
 #[derive(Default)]

@@ -83,7 +83,8 @@ for target in ssegate nginx; do
   echo "== $target: $streams streams, $delivered events"
   # How long the set-ups took, as the client saw them.
   for figure in "last_first_event_ms last stream's first event" "head_p50_ms response head p50"; do
-    printf '  %.1f ms %s\n' "$(grep -o "\"${figure%% *}\":[0-9.]*" "$out/$target.json" | cut -d: -f2)" "${figure#* }"
+    value=$(grep -o "\"${figure%% *}\":[0-9.]*" "$out/$target.json" | cut -d: -f2 || true)
+    printf '  %.1f ms %s\n' "${value:-nan}" "${figure#* }"
   done
   awk '/sys_enter/ && $1 != "0" { gsub(",", "", $1); sub("syscalls:sys_enter_", "", $2); print "  " $1, $2 }
     /task-clock|page-faults|context-switches/ { gsub(",", "", $1); print "  " $1, ($2 == "msec" ? "ms " $3 : $2) }' \
