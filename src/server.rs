@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -17,7 +18,7 @@ use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -234,8 +235,14 @@ pub async fn accept_loop(
     }
 }
 
+/// The most connections a worker takes from the listen queue in one turn of
+/// its event loop.
+const ACCEPT_BATCH: usize = 16;
+
 /// One accept loop: waits for its worker's turn, takes a connection slot,
-/// accepts, serves the connection on this runtime.
+/// accepts, serves the connection on this runtime; then takes up to
+/// [`ACCEPT_BATCH`] in all of the connections already queued, each in its
+/// worker's turn and with a slot, before the event loop's next turn.
 async fn accept(
     listener: TcpListener,
     side: Side,
@@ -245,6 +252,24 @@ async fn accept(
     permits: Arc<Semaphore>,
     seat: Option<Seat>,
 ) {
+    let serve = |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
+        let _ = stream.set_nodelay(true);
+        let app = current.borrow().clone();
+        let tls = if side == Side::Public { app.tls.clone() } else { None };
+        let conn = Conn { peer, side, tls, app, current: current.clone(), stop: stop.clone() };
+        let span = tracing::debug_span!("conn", client = %peer);
+        let counted = seat.as_ref().map(Seat::count);
+        tracker.spawn(Box::pin(
+            async move {
+                let _counted = counted;
+                conn.app.metrics.connections_open.inc();
+                conn.serve(stream).await;
+                conn.app.metrics.connections_open.dec();
+                drop(permit);
+            }
+            .instrument(span),
+        ));
+    };
     loop {
         // The turn first: a worker that waits for the others holds no slot
         // they could use.
@@ -270,28 +295,36 @@ async fn accept(
             },
             _ = stop.cancelled() => break,
         };
-        let _ = stream.set_nodelay(true);
-        let app = current.borrow().clone();
-        let tls = if side == Side::Public { app.tls.clone() } else { None };
-        let conn = Conn { peer, side, tls, app, current: current.clone(), stop: stop.clone() };
-        let span = tracing::debug_span!("conn", client = %peer);
-        let counted = seat.as_ref().map(Seat::count);
-        tracker.spawn(Box::pin(
-            async move {
-                let _counted = counted;
-                conn.app.metrics.connections_open.inc();
-                conn.serve(stream).await;
-                conn.app.metrics.connections_open.dec();
-                drop(permit);
+        serve(stream, peer, permit);
+        // The connections queued meanwhile, a few at a time: in a burst
+        // they wait in the listen queue, and one per turn leaves the worker
+        // polling its event loop for each. Each of them waits for the
+        // turn and a slot as the first did. An accept error ends the batch:
+        // one that lasts (EMFILE) comes again at the `accept` above, which
+        // reports it.
+        for _ in 1..ACCEPT_BATCH {
+            if stop.is_cancelled() || seat.as_ref().is_some_and(|s| s.balance.ahead(s.worker)) {
+                break;
             }
-            .instrument(span),
-        ));
-        // One connection per turn of the event loop, as nginx without
-        // `multi_accept`: the new connection's request and the open
-        // streams' events are served before the next one is taken, so a
-        // burst of connections does not hold back the streams already open.
+            let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+            let Some(Ok((stream, peer))) = queued(&listener).await else { break };
+            serve(stream, peer, permit);
+        }
+        // Then the new connections' requests and the open streams' events
+        // are served before more are taken, as nginx without `multi_accept`
+        // takes one per turn: a burst does not hold back the streams
+        // already open.
         tokio::task::yield_now().await;
     }
+}
+
+/// A connection already in `listener`'s queue, without waiting for one.
+async fn queued(listener: &TcpListener) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {
+    std::future::poll_fn(|cx| match listener.poll_accept(cx) {
+        Poll::Ready(r) => Poll::Ready(Some(r)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
 }
 
 fn builder(app: &App) -> auto::Builder<TokioExecutor> {

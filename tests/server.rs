@@ -437,6 +437,45 @@ async fn connections_are_spread_evenly_over_the_workers() {
     per_worker_until(&proxy, "the connections to close", |a, b| a + b == 0.0).await;
 }
 
+#[tokio::test]
+async fn connections_queued_before_the_workers_accept_are_all_served_and_spread() {
+    raise_open_files();
+    let upstream = Upstream::start(|_| Reply::full(200, "text/plain", "ok")).await;
+    let mut config = support::config(upstream.addr);
+    config.server.workers = 2;
+    // 200 clients connect before the proxy accepts anything, as in a burst
+    // that finds the workers busy: the workers find them all in the listen
+    // queue and take several per turn of their event loops.
+    config.server.listen = "127.0.0.1:0".parse().expect("addr");
+    config.server.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    let listeners = ssegate::Listeners::bind(&config).await.expect("bind");
+    let addr = listeners.public.local_addr().expect("addr");
+    let connects = (0..200).map(|_| TcpStream::connect(addr));
+    let mut open: Vec<TcpStream> = futures_util::future::try_join_all(connects).await.expect("connect");
+    let proxy = Proxy::start_on(config, listeners);
+
+    let (one, two) = per_worker_until(&proxy, "200 connections", |a, b| a + b == 200.0).await;
+    assert!((one - two).abs() <= 5.0, "uneven: {one} and {two}");
+    // Every one of them is served.
+    for (i, conn) in open.iter_mut().enumerate() {
+        conn.write_all(b"GET /v1/x HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"\r\n0\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("connection {i}: no answer within 10 s"))
+                .expect("read");
+            assert!(n > 0, "connection {i} closed without an answer: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200") && text.contains("\r\n\r\n2\r\nok\r\n"), "connection {i}: {text:?}");
+    }
+    drop(open);
+    per_worker_until(&proxy, "the connections to close", |a, b| a + b == 0.0).await;
+}
+
 /// Raises this process's open-files limit to its hard limit (the test opens
 /// more sockets than a default soft limit of 1,024 allows).
 fn raise_open_files() -> u64 {

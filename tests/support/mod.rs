@@ -32,9 +32,15 @@ impl Proxy {
     pub async fn start(config: Config) -> Proxy {
         let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
+        Proxy::start_on(config, Listeners { public, admin })
+    }
+
+    /// Starts the proxy with `config` on listeners bound already (clients
+    /// may have connected to them meanwhile).
+    pub fn start_on(config: Config, listeners: Listeners) -> Proxy {
+        let (addr, admin_addr) = (listeners.public.local_addr().unwrap(), listeners.admin.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(ssegate::run(config, Listeners { public, admin }, async move {
+        let task = tokio::spawn(ssegate::run(config, listeners, async move {
             let _ = rx.await;
         }));
         Proxy { addr, admin: admin_addr, stop: Some(tx), task }
@@ -185,6 +191,9 @@ impl Upstream {
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                // As model servers do: a reply written in several pieces
+                // does not wait for the proxy's delayed ACK (40 ms).
+                let _ = stream.set_nodelay(true);
                 let state = state.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
