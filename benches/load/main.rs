@@ -1058,7 +1058,7 @@ fn print_goals(goals: &[Goal]) {
     }
     println!();
     table.print_aligned(1);
-    let missed: Vec<&str> = goals.iter().filter(|g| g.met() == Some(false)).map(|g| g.name).collect();
+    let missed = missed(goals);
     let measured = goals.iter().filter(|g| g.met().is_some()).count();
     println!();
     if missed.is_empty() {
@@ -1066,6 +1066,11 @@ fn print_goals(goals: &[Goal]) {
     } else {
         println!("Goals: met {} of {measured} measured; missed: {}.", measured - missed.len(), missed.join("; "));
     }
+}
+
+/// The names of the goals a run missed.
+fn missed(goals: &[Goal]) -> Vec<&'static str> {
+    goals.iter().filter(|g| g.met() == Some(false)).map(|g| g.name).collect()
 }
 
 /// The goals over several runs: per goal the median, lowest and highest
@@ -1088,10 +1093,10 @@ fn summary(files: &[std::path::PathBuf]) {
     println!("The goals over {} runs (ssegate/nginx, unrounded):", runs.len());
     table.print_aligned(1);
     println!();
-    let all = runs.iter().filter(|r| r.iter().all(|g| g.met() != Some(false))).count();
+    let missed: Vec<Vec<&str>> = runs.iter().map(|r| missed(r)).collect();
+    let all = missed.iter().filter(|m| m.is_empty()).count();
     println!("Runs that met every goal they measured: {all} of {}.", runs.len());
-    for (f, r) in files.iter().zip(&runs) {
-        let missed: Vec<&str> = r.iter().filter(|g| g.met() == Some(false)).map(|g| g.name).collect();
+    for (f, missed) in files.iter().zip(&missed) {
         let what =
             if missed.is_empty() { "met every goal".to_string() } else { format!("missed {}", missed.join("; ")) };
         println!("  {}: {what}", f.display());
